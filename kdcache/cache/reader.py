@@ -1,0 +1,131 @@
+"""Open a kdcache cache for reading, checking that it is one this code understands and that it is complete.
+
+    cache = open_cache("cache.zarr", need=["logits"])
+    for unit in cache.units("images"):
+        rows = cache.read(unit, ["emb", "valid"])
+
+Readers never import the teacher; everything they need (preprocessing, head, logit scale) is in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import zarr
+
+from kdcache.cache import schema
+from kdcache.cache.schema import IMAGES, Unit
+
+
+class CacheError(ValueError):
+    """The cache cannot be used as asked; the message names the field or unit."""
+
+
+def plan_units(attrs: dict) -> list[Unit]:
+    """The units a cache with these root attributes is made of, in input order (the same plan the build used)."""
+    inputs = attrs["inputs"]
+    units = [Unit(IMAGES, i, url) for i, url in enumerate(inputs["images"])]
+    for c, (spec, records) in enumerate(zip(inputs["captions"], inputs["caption_records"], strict=True)):
+        units += schema.caption_units(c, spec, records)
+    return units
+
+
+def deterministic_attrs(attrs: dict) -> dict:
+    """Root attributes without host and timing fields: equal for identical caches."""
+    return {k: v for k, v in attrs.items() if k not in schema.NONDETERMINISTIC_KEYS}
+
+
+def fingerprint(attrs: dict) -> str:
+    """A short digest of what the cache holds (teacher, build config, inputs, summary), for run directories."""
+    keep = {k: attrs.get(k) for k in ("schema_version", "teacher", "preprocess", "build", "inputs", "summary")}
+    blob = json.dumps(keep, sort_keys=True, default=str).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()[:32]
+
+
+@dataclass
+class Cache:
+    path: str
+    root: zarr.Group
+    attrs: dict
+
+    @property
+    def complete(self) -> bool:
+        return self.attrs.get("status") == schema.CACHE_COMPLETE
+
+    @property
+    def capabilities(self) -> list[str]:
+        return list(self.attrs.get("capabilities", []))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.attrs["embed_dim"])
+
+    @property
+    def views(self) -> int:
+        return int(self.attrs["build"]["views"])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.attrs["logit_scale"])
+
+    @cached_property
+    def all_units(self) -> list[Unit]:
+        return plan_units(self.attrs)
+
+    def units(self, kind: str | None = None) -> list[Unit]:
+        return [u for u in self.all_units if kind is None or u.kind == kind]
+
+    def status(self, unit: Unit) -> dict | None:
+        return schema.read_status(self.root, unit)
+
+    def require(self, *capabilities: str, why: str = "") -> None:
+        missing = [c for c in capabilities if c not in self.capabilities]
+        if missing:
+            raise CacheError(f"{self.path}: cache lacks capability {missing}{' needed for ' + why if why else ''} "
+                             f"(it has {self.capabilities})")
+
+    def vocab(self) -> tuple[list[str], list[str], np.ndarray]:
+        """(classes, templates, head [C, D] float32)."""
+        self.require(schema.CAP_LOGITS, why="the class vocabulary")
+        g = self.root[schema.VOCAB]
+        return g["classes"][...].tolist(), g["templates"][...].tolist(), g["head"][...]
+
+    def read(self, unit: Unit, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Whole arrays of one unit (each read in whole chunks)."""
+        g = self.root[unit.data_path]
+        names = list(names) if names is not None else [n for n, _ in g.arrays()]
+        return {n: g[n][...] for n in names}
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.attrs)
+
+
+def open_cache(path: str, *, allow_incomplete: bool = False, need: Sequence[str] = ()) -> Cache:
+    """Check it is a kdcache cache of our schema major version, complete (unless allowed), with `need` capabilities."""
+    try:
+        root = zarr.open_group(path, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+        raise CacheError(f"{path}: no zarr cache there ({e})") from None
+    attrs = dict(root.attrs).get(schema.ROOT_ATTR)
+    if not attrs:
+        raise CacheError(f"{path}: not a kdcache cache (no '{schema.ROOT_ATTR}' attributes)")
+    version = str(attrs.get("schema_version", "?"))
+    if version.split(".")[0] != str(schema.SCHEMA_MAJOR):
+        raise CacheError(f"{path}: schema_version {version} is not readable by this kdcache "
+                         f"(reads major version {schema.SCHEMA_MAJOR})")
+    cache = Cache(path, root, attrs)
+    if not cache.complete and not allow_incomplete:
+        s = attrs.get("summary", {})
+        detail = ""
+        if s.get("failed_units") or s.get("missing_units"):
+            detail = f" (failed: {s.get('failed_units', [])[:5]}, not done: {s.get('missing_units', [])[:5]})"
+        raise CacheError(f"{path}: cache status is '{attrs.get('status')}'{detail}; finish it with "
+
+                         "`kdcache build ... --resume`, or allow an incomplete cache explicitly")
+    cache.require(*need)
+    return cache

@@ -1,0 +1,226 @@
+"""The cache layout: every zarr path, array, dtype, chunking rule and codec lives here and nowhere else.
+
+A cache is one zarr v3 group::
+
+    CACHE/
+      zarr.json                          root attributes under "kdcache" (see ROOT_KEYS)
+      vocab/{classes,templates,head}     class vocabulary and the teacher's zero-shot head [C, D] (when --classes)
+      images/{shard:05d}/...             one group per image tar shard; row r = sample at position r of that shard
+      captions/{corpus:03d}/{block:06d}/ one group per block of BLOCK_RECORDS records of a corpus
+      status/{unit}                      one empty group per unit; its attributes say done; written after its data
+
+Each unit (image shard or caption block) owns its own arrays, so two writers never touch the same chunk, and a row's
+address is (unit, position) — a function of the input alone, never of arrival order or worker count.
+
+Versioning: readers must match SCHEMA_MAJOR. Optional arrays are announced in the root's "capabilities" list and
+bump SCHEMA_MINOR when new ones are added; readers check capabilities, not the minor version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+SCHEMA_MAJOR = 1
+SCHEMA_MINOR = 0
+SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
+
+ROOT_ATTR = "kdcache"
+# Keys of the root attribute dict. "run" (host, timings) is the only one that may differ between identical caches.
+ROOT_KEYS = ("schema_version", "capabilities", "status", "teacher", "preprocess", "embed_dim", "logit_scale",
+             "build", "inputs", "versions", "summary", "run")
+NONDETERMINISTIC_KEYS = ("run",)
+STATUS_NONDETERMINISTIC_KEYS = ("timing",)
+
+# Capabilities: what optional content a cache has. Readers check these before use.
+CAP_IMAGES = "images"            # images/ units with per-view embeddings and view records
+CAP_CAPTIONS = "captions"        # captions/ units (caption corpora)
+CAP_LOGITS = "logits"            # vocab/ head + per-view topk/lse
+CAP_LABELS = "labels"            # at least one image row has a label
+CAP_PAIRED = "paired_captions"   # at least one image row has a caption and its teacher text embedding
+KNOWN_CAPABILITIES = (CAP_IMAGES, CAP_CAPTIONS, CAP_LOGITS, CAP_LABELS, CAP_PAIRED)
+
+STATUS_DONE = "done"
+STATUS_FAILED = "failed"
+CACHE_BUILDING = "building"
+CACHE_COMPLETE = "complete"
+CACHE_INCOMPLETE = "incomplete"
+
+# Caption corpora are processed in fixed blocks of records: the unit of status and resume.
+BLOCK_RECORDS = 8192
+# Target compressed-chunk size for the big arrays; small per-row arrays get one chunk per unit.
+CHUNK_BYTES = 1 << 20
+EMBED_DTYPES = {"fp16": "float16", "fp32": "float32"}
+NAN = float("nan")
+
+VOCAB = "vocab"
+IMAGES = "images"
+CAPTIONS = "captions"
+STATUS = "status"
+
+
+def compressors() -> tuple[ZstdCodec, ...]:
+    """Lossless and checksummed, so a flipped byte on disk fails loudly when read."""
+    return (ZstdCodec(level=3, checksum=True),)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """An image shard or a block of a caption corpus: the unit of work, of status and of resume."""
+
+    kind: str                # IMAGES or CAPTIONS
+    index: int               # shard index, or corpus index
+    source: str              # shard URL or "kind:path" of the corpus
+    block: int = 0           # caption block number
+    start: int = 0           # first record (captions)
+    stop: int = 0            # one past the last record (captions)
+
+    @property
+    def name(self) -> str:
+        if self.kind == IMAGES:
+            return f"images-{self.index:05d}"
+        return f"captions-{self.index:03d}-{self.block:06d}"
+
+    @property
+    def data_path(self) -> str:
+        if self.kind == IMAGES:
+            return f"{IMAGES}/{self.index:05d}"
+        return f"{CAPTIONS}/{self.index:03d}/{self.block:06d}"
+
+    @property
+    def status_path(self) -> str:
+        return f"{STATUS}/{self.name}"
+
+
+def caption_units(corpus: int, source: str, records: int) -> list[Unit]:
+    """Blocks of BLOCK_RECORDS records; a corpus with no records still has one (empty) block so it is accounted for."""
+    starts = range(0, max(records, 1), BLOCK_RECORDS)
+    return [Unit(CAPTIONS, corpus, source, block=b, start=s, stop=min(s + BLOCK_RECORDS, records))
+            for b, s in enumerate(starts)]
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a unit: per-row shape after the row axis, dtype, fill value, and whether it is small."""
+
+    name: str
+    dtype: Any
+    inner: tuple[int, ...]
+    fill: Any
+    small: bool  # small per-row arrays get one chunk for the whole unit
+
+
+def image_arrays(*, views: int, dim: int, topk: int, embed_dtype: str) -> dict[str, ArraySpec]:
+    """Arrays of an image shard unit. Rows are sample positions in the shard; rejected rows have valid=False."""
+    edt = EMBED_DTYPES[embed_dtype]
+    specs = [
+        ArraySpec("key", str, (), "", True),
+        ArraySpec("valid", "bool", (), False, True),
+        ArraySpec("label", "int32", (), -1, True),
+        ArraySpec("caption", str, (), "", True),
+        ArraySpec("caption_emb", edt, (dim,), NAN, False),
+        ArraySpec("src_size", "int32", (2,), 0, True),            # (width, height) of the decoded source image
+        ArraySpec("view_box", "int32", (views, 4), 0, True),      # (left, top, width, height) in source pixels
+        ArraySpec("view_flip", "bool", (views,), False, True),
+        ArraySpec("emb", edt, (views, dim), NAN, False),          # L2-normalised teacher image embedding per view
+    ]
+    if topk:
+        specs += [
+            ArraySpec("topk_idx", "int32", (views, topk), -1, True),
+            ArraySpec("topk_val", "float32", (views, topk), NAN, True),  # logits at T=1 (logit scale applied)
+            ArraySpec("lse", "float32", (views,), NAN, True),            # log-sum-exp of the full logits at T=1
+        ]
+    return {s.name: s for s in specs}
+
+
+def caption_arrays(*, dim: int, embed_dtype: str) -> dict[str, ArraySpec]:
+    """Arrays of a caption block unit. Row r = record start + r; rejected rows have valid=False."""
+    edt = EMBED_DTYPES[embed_dtype]
+    specs = [
+        ArraySpec("index", "int64", (), -1, True),   # record index in the corpus (line index or annotation index)
+        ArraySpec("valid", "bool", (), False, True),
+        ArraySpec("text", str, (), "", True),
+        ArraySpec("ref", str, (), "", True),         # COCO image_id, CC url, or ""
+        ArraySpec("emb", edt, (dim,), NAN, False),
+    ]
+    return {s.name: s for s in specs}
+
+
+# Arrays whose rows must be finite and unit-norm where valid (and NaN where not written).
+EMBEDDING_ARRAYS = ("emb", "caption_emb")
+
+
+def chunk_rows(spec: ArraySpec, rows: int) -> int:
+    """Rows per chunk: the whole unit for small arrays, ~CHUNK_BYTES of raw data for big ones."""
+    if spec.small or rows == 0:
+        return max(rows, 1)
+    row_bytes = int(np.prod(spec.inner, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+    return int(max(1, min(rows, CHUNK_BYTES // max(row_bytes, 1))))
+
+
+def empty_unit_data(specs: dict[str, ArraySpec], rows: int) -> dict[str, np.ndarray]:
+    """Host buffers for one unit, filled with each array's fill value."""
+    out = {}
+    for s in specs.values():
+        if s.dtype is str:
+            out[s.name] = np.full((rows, *s.inner), s.fill, dtype=object)
+        else:
+            out[s.name] = np.full((rows, *s.inner), s.fill, dtype=s.dtype)
+    return out
+
+
+def write_unit(root: zarr.Group, unit: Unit, specs: dict[str, ArraySpec], data: dict[str, np.ndarray]) -> None:
+    """Create a unit's arrays and write each whole (so only whole chunks are written), replacing any earlier attempt."""
+    if set(data) != set(specs):
+        raise ValueError(f"unit {unit.name}: arrays {sorted(data)} do not match the schema {sorted(specs)}")
+    rows = {len(v) for v in data.values()}
+    if len(rows) != 1:
+        raise ValueError(f"unit {unit.name}: arrays have different row counts {rows}")
+    (n,) = rows
+    group = root.create_group(unit.data_path, overwrite=True)
+    for name, spec in specs.items():
+        values = data[name]
+        shape = (n, *spec.inner)
+        if values.shape != shape:
+            raise ValueError(f"unit {unit.name}: array {name} has shape {values.shape}, schema wants {shape}")
+        _write_whole(group, name, values, dtype=spec.dtype, chunks=(chunk_rows(spec, n), *spec.inner),
+                     fill=spec.fill)
+
+
+def _write_whole(group: zarr.Group, name: str, values: np.ndarray, *, dtype, chunks, fill) -> None:
+    # write_empty_chunks: every chunk exists on disk even when it equals the fill value, so `verify` can require
+    # every expected chunk (a missing chunk otherwise reads back as fill values without error).
+    arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=chunks, fill_value=fill,
+                             compressors=compressors(), overwrite=True, config={"write_empty_chunks": True})
+    if values.size:
+        arr[...] = values.astype(str) if dtype is str else values
+
+
+def write_vocab(root: zarr.Group, *, classes: list[str], templates: list[str], head: np.ndarray,
+                attributes: dict) -> None:
+    """The class vocabulary, templates and the teacher's zero-shot head [C, D] (template-averaged, normalised)."""
+    g = root.create_group(VOCAB, overwrite=True, attributes=attributes)
+    for name, values in (("classes", classes), ("templates", templates)):
+        _write_whole(g, name, np.asarray(values, dtype=object), dtype=str, chunks=(max(1, len(values)),), fill="")
+    _write_whole(g, "head", np.asarray(head, np.float32), dtype="float32", chunks=head.shape, fill=NAN)
+
+
+def write_status(root: zarr.Group, unit: Unit, status: dict) -> None:
+    """The single answer to 'is this unit done?': written last, after the unit's data."""
+    root.create_group(unit.status_path, overwrite=True, attributes=status)
+
+
+def read_status(root: zarr.Group, unit: Unit) -> dict | None:
+    """The unit's status, or None if absent or unreadable (a status cut by a kill counts as not written)."""
+    try:
+        node = root[unit.status_path]
+    except (KeyError, FileNotFoundError, ValueError):
+        return None
+    except Exception:  # a half-written zarr.json from a killed process: treat as not done
+        return None
+    attrs = dict(node.attrs)
+    return attrs if attrs.get("unit") == unit.name else None

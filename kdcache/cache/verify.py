@@ -1,0 +1,260 @@
+"""`kdcache verify` and `kdcache info`: trust a cache before training on it.
+
+verify: every expected chunk is present (zarr reads a deleted chunk back as fill values, silently), every chunk
+decodes (zstd checksums catch flipped bytes), row counts match each unit's status, embeddings of valid rows are finite
+and unit-norm, rows that are not valid are unwritten (NaN).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+from zarr.core.sync import sync
+
+from kdcache.cache import schema
+from kdcache.cache.reader import Cache, open_cache
+from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
+
+NORM_TOL = {"float16": 2e-3, "float32": 1e-4}
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    problems: list[str] = field(default_factory=list)
+    checked_units: int = 0
+    checked_chunks: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def list_keys(root: zarr.Group) -> list[str]:
+    """Every key in the store (zarr's own listing, so it works for any store)."""
+    async def collect():
+        return [k async for k in root.store.list()]
+    return sync(collect())
+
+
+def unit_specs(cache: Cache, unit: Unit) -> dict[str, schema.ArraySpec]:
+    b = cache.attrs["build"]
+    if unit.kind == IMAGES:
+        return schema.image_arrays(views=b["views"], dim=cache.embed_dim, topk=b["topk"], embed_dtype=b["embed_dtype"])
+    return schema.caption_arrays(dim=cache.embed_dim, embed_dtype=b["embed_dtype"])
+
+
+def expected_chunk_keys(arr: zarr.Array, prefix: str) -> list[str]:
+    grid = [math.ceil(s / c) for s, c in zip(arr.shape, arr.chunks, strict=True)]
+    enc = arr.metadata.chunk_key_encoding
+    return [f"{prefix}/{enc.encode_chunk_key(idx)}" for idx in itertools.product(*(range(g) for g in grid))]
+
+
+def verify(path: str, *, progress: bool = True) -> VerifyReport:
+    cache = open_cache(path, allow_incomplete=True)
+    rep = VerifyReport(path)
+    keys = set(list_keys(cache.root))
+    if not cache.complete:
+        s = cache.attrs.get("summary", {})
+        rep.problems.append(f"cache status is '{cache.attrs.get('status')}' (failed units: "
+                            f"{s.get('failed_units', [])}, not done: {s.get('missing_units', [])})")
+    if schema.CAP_LOGITS in cache.capabilities:
+        _check_vocab(cache, keys, rep)
+    for unit in tqdm(cache.all_units, desc="verify", unit="unit", disable=not progress):
+        st = cache.status(unit)
+        if st is None:
+            rep.problems.append(f"{unit.name} ({unit.source}): no status object (unit not done)")
+            continue
+        rep.checked_units += 1
+        _check_unit(cache, unit, st, keys, rep)
+    return rep
+
+
+def _check_vocab(cache: Cache, keys: set[str], rep: VerifyReport) -> None:
+    g = cache.root[schema.VOCAB]
+    for name in ("classes", "templates", "head"):
+        arr = g[name]
+        for k in expected_chunk_keys(arr, f"{schema.VOCAB}/{name}"):
+            if k not in keys:
+                rep.problems.append(f"array {schema.VOCAB}/{name}: chunk {k} is missing from the store")
+    try:
+        head = g["head"][...]
+    except Exception as e:  # a checksum or codec failure
+        rep.problems.append(f"array {schema.VOCAB}/head: cannot be decoded ({type(e).__name__}: {e})")
+        return
+    norms = np.linalg.norm(head, axis=1)
+    if not np.all(np.isfinite(head)) or np.any(np.abs(norms - 1) > 1e-4):
+        rep.problems.append(f"array {schema.VOCAB}/head: rows are not finite unit vectors")
+
+
+def _check_unit(cache: Cache, unit: Unit, st: dict, keys: set[str], rep: VerifyReport) -> None:
+    where = f"{unit.name} ({unit.source})"
+    specs = unit_specs(cache, unit)
+    try:
+        group = cache.root[unit.data_path]
+    except KeyError:
+        rep.problems.append(f"{where}: status says done but its group {unit.data_path} is missing")
+        return
+    data = {}
+    for name in specs:
+        prefix = f"{unit.data_path}/{name}"
+        try:
+            arr = group[name]
+        except KeyError:
+            rep.problems.append(f"{where}: array {prefix} is missing")
+            continue
+        if arr.shape[0] != st["rows"]:
+            rep.problems.append(f"{where}: array {prefix} has {arr.shape[0]} rows, status says {st['rows']}")
+        missing = [k for k in expected_chunk_keys(arr, prefix) if k not in keys]
+        for k in missing:
+            rep.problems.append(f"{where}: array {prefix}: chunk {k} is missing from the store")
+        rep.checked_chunks += arr.nchunks
+        if missing:
+            continue
+        try:
+            data[name] = arr[...]
+        except Exception as e:  # checksum mismatch / corrupt zstd frame
+            rep.problems.append(f"{where}: array {prefix}: a chunk cannot be decoded ({type(e).__name__}: {e})")
+    if "valid" not in data:
+        return
+    valid = data["valid"].astype(bool)
+    if int(valid.sum()) != st["valid"]:
+        rep.problems.append(f"{where}: {int(valid.sum())} valid rows, status says {st['valid']}")
+    if "emb" in data:
+        _check_embeddings(data["emb"], valid, f"{where}: array {unit.data_path}/emb", rep)
+    if unit.kind == IMAGES and "caption_emb" in data and "caption" in data:
+        has_cap = valid & (data["caption"] != "")
+        _check_embeddings(data["caption_emb"], has_cap, f"{where}: array {unit.data_path}/caption_emb", rep)
+
+
+def _check_embeddings(emb: np.ndarray, expect: np.ndarray, where: str, rep: VerifyReport) -> None:
+    """Rows in `expect` must be finite and unit-norm; others must be unwritten (NaN)."""
+    if emb.size == 0:
+        return
+    flat = emb.reshape(emb.shape[0], -1, emb.shape[-1]).astype(np.float32)
+    finite = np.isfinite(flat).all(axis=(1, 2))
+    nan = np.isnan(flat).all(axis=(1, 2))
+    bad_valid = np.flatnonzero(expect & ~finite)
+    if bad_valid.size:
+        rep.problems.append(f"{where}: rows {bad_valid[:10].tolist()} are valid but not finite (unwritten or corrupt)")
+    bad_pad = np.flatnonzero(~expect & ~nan)
+    if bad_pad.size:
+        rep.problems.append(f"{where}: rows {bad_pad[:10].tolist()} are rejected/empty but hold values")
+    tol = NORM_TOL.get(str(emb.dtype), 1e-4)
+    ok = expect & finite
+    if ok.any():
+        norms = np.linalg.norm(flat[ok], axis=-1)
+        off = np.abs(norms - 1) > tol
+        if off.any():
+            rows = np.flatnonzero(ok)[np.flatnonzero(off.any(axis=1))]
+            rep.problems.append(f"{where}: rows {rows[:10].tolist()} are not unit-norm (|norm-1| > {tol})")
+
+
+# ---------------------------------------------------------------------------------------------------------- info
+
+def store_bytes(root: zarr.Group) -> int:
+    keys = list_keys(root)
+
+    async def sizes():
+        return [await root.store.getsize(k) for k in keys]
+    return int(sum(sync(sizes())))
+
+
+def raw_bytes(cache: Cache) -> int:
+    """Bytes of everything the cache stores, uncompressed (strings as UTF-8), for the compression ratio."""
+    total = 0
+    for unit in cache.all_units:
+        if cache.status(unit) is None:
+            continue
+        g = cache.root[unit.data_path]
+        for _, arr in g.arrays():
+            if arr.dtype.kind in "OTU" or str(arr.dtype).startswith("String") or arr.dtype == np.dtypes.StringDType():
+                total += sum(len(s.encode()) for s in arr[...].tolist())
+            else:
+                total += int(np.prod(arr.shape)) * arr.dtype.itemsize
+    return total
+
+
+def info(path: str) -> dict:
+    cache = open_cache(path, allow_incomplete=True)
+    a = cache.attrs
+    s = a.get("summary", {})
+    units = cache.all_units
+    statuses = {u.name: cache.status(u) for u in units}
+    rejected = Counter()
+    for st in statuses.values():
+        if st:
+            rejected.update(st.get("rejected", {}))
+    on_disk = store_bytes(cache.root)
+    raw = raw_bytes(cache)
+    n_img = sum(st["valid"] for u in units if u.kind == IMAGES for st in [statuses[u.name]] if st)
+    n_cap = sum(st["valid"] for u in units if u.kind == CAPTIONS for st in [statuses[u.name]] if st)
+    classes = None
+    if schema.CAP_LOGITS in cache.capabilities:
+        cls, tpl, _ = cache.vocab()
+        classes = {"count": len(cls), "source": dict(cache.root[schema.VOCAB].attrs).get("classes_source"),
+                   "templates": len(tpl), "first": cls[:10]}
+    return {
+        "path": path,
+        "status": a.get("status"),
+        "schema_version": a.get("schema_version"),
+        "capabilities": cache.capabilities,
+        "teacher": {k: a["teacher"].get(k) for k in ("spec", "pretrained", "checkpoint", "digest", "random_init")},
+        "preprocess": a.get("preprocess"),
+        "embed_dim": cache.embed_dim,
+        "logit_scale": cache.logit_scale,
+        "views": cache.views,
+        "classes": classes,
+        "images": {"shards": len([u for u in units if u.kind == IMAGES]), "samples": n_img,
+                   "labelled": s.get("labelled_images"), "with_caption": s.get("paired_captions")},
+        "captions": {"corpora": len(a["inputs"]["captions"]), "blocks": len([u for u in units if u.kind == CAPTIONS]),
+                     "rows": n_cap},
+        "units": {"total": len(units), "done": sum(1 for st in statuses.values() if st and st["state"] == "done"),
+                  "failed": [n for n, st in statuses.items() if st and st["state"] != "done"],
+                  "missing": [n for n, st in statuses.items() if st is None]},
+        "rejected": dict(sorted(rejected.items())),
+        "duplicate_keys": s.get("duplicate_keys", {"count": 0}),
+        "bytes_on_disk": on_disk,
+        "bytes_raw": raw,
+        "compression_ratio": round(raw / on_disk, 3) if on_disk else None,
+        "bytes_per_image_sample": round(on_disk / n_img, 1) if n_img else None,
+        "build": a.get("build"),
+        "versions": a.get("versions"),
+    }
+
+
+def format_info(d: dict) -> str:
+    t = d["teacher"]
+    lines = [
+        f"cache       {d['path']}",
+        f"status      {d['status']}  (schema {d['schema_version']}; capabilities: {', '.join(d['capabilities'])})",
+        f"teacher     {t['spec']}" + (f" pretrained={t['pretrained']}" if t.get("pretrained") else "")
+        + ("  [RANDOM INIT: outputs are meaningless]" if t.get("random_init") else ""),
+        f"            digest {t['digest']}",
+        f"preprocess  size={d['preprocess'].get('size')} mean={d['preprocess'].get('mean')} "
+        f"std={d['preprocess'].get('std')} {d['preprocess'].get('interpolation')}/{d['preprocess'].get('resize_mode')}",
+        f"embed dim   {d['embed_dim']}   logit scale {d['logit_scale']:.3f}   views per image {d['views']}",
+    ]
+    if d["classes"]:
+        c = d["classes"]
+        lines.append(f"classes     {c['count']} from {c['source']} ({c['templates']} templates): "
+                     + ", ".join(c["first"]) + (", …" if c["count"] > 10 else ""))
+    im, cp, u = d["images"], d["captions"], d["units"]
+    lines += [
+        f"images      {im['samples']} samples in {im['shards']} shards ({im['labelled']} labelled, "
+        f"{im['with_caption']} with a caption)",
+        f"captions    {cp['rows']} rows from {cp['corpora']} corpora ({cp['blocks']} blocks)",
+        f"units       {u['done']}/{u['total']} done" + (f"; FAILED {u['failed']}" if u["failed"] else "")
+        + (f"; not done {u['missing'][:5]}" if u["missing"] else ""),
+        "rejected    " + (", ".join(f"{k}={v}" for k, v in d["rejected"].items()) or "none"),
+        f"duplicates  {d['duplicate_keys'].get('count', 0)} keys occur in more than one row (all rows kept)",
+        f"size        {d['bytes_on_disk'] / 1e6:.2f} MB on disk, {d['bytes_raw'] / 1e6:.2f} MB raw "
+        f"(compression x{d['compression_ratio']}), {d['bytes_per_image_sample']} bytes per image sample",
+    ]
+    return "\n".join(lines)

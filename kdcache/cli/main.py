@@ -1,0 +1,171 @@
+"""The `kdcache` command line. Each command parses its options into a config and calls one `run`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from kdcache import __version__
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120, "show_default": True}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # timm logs at INFO about every model it builds; keep its warnings only.
+    logging.getLogger("timm").setLevel(logging.WARNING)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="kdcache")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool) -> None:
+    """kdcache: distil CLIP models from a cache of teacher outputs.
+
+    Run the big teacher once (`kdcache build`) and store its embeddings, logits and the exact augmented views in
+    a compressed Zarr cache; check it (`kdcache info`, `kdcache verify`). `kdcache quickstart` runs the whole path
+    on tiny embedded data in a minute or two on a CPU.
+    """
+    _setup_logging(verbose)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--images", "images", multiple=True, metavar="PATTERN",
+              help="WebDataset tar shards (repeatable): local paths, brace patterns 'shards/{00000..00009}.tar', "
+                   "fsspec URLs. Members KEY.jpg|jpeg|png|webp, optional KEY.txt, KEY.json, KEY.cls.")
+@click.option("--captions", "captions", multiple=True, metavar="SPEC",
+              help="Caption corpora (repeatable): coco:FILE.json, cc:FILE.tsv, txt:FILE, jsonl:FILE "
+                   "(prefix inferred from the suffix when omitted).")
+@click.option("--teacher", required=True, metavar="SPEC",
+              help="open_clip model: built-in name (with --pretrained), hf-hub:org/repo, local-dir:PATH, or a "
+                   "model-config JSON file (flat, or nested {model_cfg, preprocess_cfg}).")
+@click.option("--pretrained", default=None, metavar="TAG|PATH",
+              help="open_clip pretrained tag, or a local .pt/.bin/.safetensors checkpoint (built-in names and JSON).")
+@click.option("--allow-random-init", is_flag=True,
+              help="Accept a teacher whose weights were not loaded (tests, benchmarks). Its outputs are meaningless.")
+@click.option("--out", required=True, type=click.Path(), help="Cache directory to write (a zarr v3 group).")
+@click.option("--views", default=1, type=click.IntRange(1),
+              help="Views per image. View 0 is the teacher's eval transform; views 1..K-1 are random-resized-crop + "
+                   "flip, keyed by (seed, shard, position, view) and stored so students can replay them exactly.")
+@click.option("--classes", default=None, metavar="NAME|FILE",
+              help="Class vocabulary for the zero-shot head and top-k logits: cifar10, cifar100, imagenet, or a "
+                   "text file with one class per line. Without it no logits are stored.")
+@click.option("--templates", default=None, metavar="NAME|FILE",
+              help="Prompt templates: simple, openai, photo, or a file with one template per line containing {}. "
+                   "[default: simple]")
+@click.option("--topk", default=10, type=click.IntRange(1), help="Top-k logits stored per view (capped at classes).")
+@click.option("--batch-size", default=64, type=click.IntRange(1),
+              help="Teacher batch (formed within a shard; part of the cache identity on CPU).")
+@click.option("--workers", default=0, type=click.IntRange(0),
+              help="DataLoader decode workers. 0 on CPU (decode competes with the teacher for cores); use some on GPU.")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="torch CPU threads [default: torch's default]. Part of the cache identity: CPU results "
+                   "depend on it.")
+@click.option("--device", default="cpu", help="Teacher device: cpu, cuda, cuda:1, ...")
+@click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Teacher autocast precision (CUDA only; CPU always runs fp32).")
+@click.option("--embed-dtype", default="fp16", type=click.Choice(["fp16", "fp32"]),
+              help="Storage dtype of the embeddings.")
+@click.option("--seed", default=0, type=int, help="Seed of the view generator.")
+@click.option("--limit", default=None, type=click.IntRange(1),
+              help="Only the first N image samples and N caption records (dry runs; single process).")
+@click.option("--max-pixels", default=89_478_485, type=click.IntRange(1),
+              help="Images with more pixels are rejected as too_large.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted build, or extend it with inputs appended at the end.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and build again.")
+@click.option("--allow-failed-shards", is_flag=True,
+              help="Exit 0 even when some shards failed (truncated tars); they stay marked failed in the cache.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def build(**kw) -> None:
+    """Run the teacher once over image shards and caption corpora and write the cache.
+
+    \b
+    Example:
+      kdcache build --images 'data/cifar10/cifar10-train-{000..009}.tar' --classes cifar10 --views 2 \\
+          --teacher local-dir:teachers/kdc-cifar10-rn18 --out cifar10.zarr
+    """
+    from kdcache.cache.build import BuildConfig, BuildError, print_summary, run
+
+    if kw["resume"] and kw["overwrite"]:
+        raise click.UsageError("--resume and --overwrite are mutually exclusive")
+    cfg = BuildConfig(
+        out=kw["out"], teacher=kw["teacher"], images=kw["images"], captions=kw["captions"],
+        pretrained=kw["pretrained"], allow_random_init=kw["allow_random_init"], views=kw["views"],
+        classes=kw["classes"], templates=kw["templates"], topk=kw["topk"], batch_size=kw["batch_size"],
+        workers=kw["workers"], threads=kw["threads"], device=kw["device"], precision=kw["precision"],
+        embed_dtype=kw["embed_dtype"], seed=kw["seed"], limit=kw["limit"], max_pixels=kw["max_pixels"],
+        resume=kw["resume"], overwrite=kw["overwrite"], progress=not kw["no_progress"],
+    )
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt:
+        click.echo("interrupted: units finished so far are kept; rerun with --resume to continue", err=True)
+        sys.exit(130)
+    except (BuildError, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    print_summary(result)
+    if not result.ok and not kw["allow_failed_shards"]:
+        click.echo("build finished with failed or missing units (see above); the cache is marked incomplete",
+                   err=True)
+        sys.exit(1)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("cache", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(cache: str, as_json: bool) -> None:
+    """Describe a cache: teacher, counts, views, classes, size, compression, status, rejects, duplicate keys."""
+    from kdcache.cache.reader import CacheError
+    from kdcache.cache.verify import format_info
+    from kdcache.cache.verify import info as cache_info
+
+    try:
+        d = cache_info(cache)
+    except CacheError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("cache", type=click.Path(exists=True))
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def verify(cache: str, no_progress: bool) -> None:
+    """Check every chunk of a cache: present, decodable (checksums), row counts, finite unit-norm embeddings.
+
+    Exits non-zero naming the array, chunk and shard of every problem.
+    """
+    from kdcache.cache.reader import CacheError
+    from kdcache.cache.verify import verify as run_verify
+
+    try:
+        rep = run_verify(cache, progress=not no_progress)
+    except CacheError as e:
+        raise click.ClickException(str(e)) from None
+    for p in rep.problems:
+        click.echo(f"PROBLEM {p}", err=True)
+    click.echo(f"verified {rep.checked_units} units, {rep.checked_chunks} chunks: "
+               + ("OK" if rep.ok else f"{len(rep.problems)} problem(s)"))
+    if not rep.ok:
+        sys.exit(1)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--workdir", default="kdcache-quickstart", type=click.Path(),
+              help="Where the sample data, cache and reports go.")
+@click.option("--teacher", default=None, metavar="SPEC",
+              help="Use a real teacher instead of the embedded random tiny one (any --teacher form).")
+@click.option("--images", multiple=True, metavar="PATTERN", help="Use these shards instead of the generated ones.")
+def quickstart(workdir: str, teacher: str | None, images: tuple[str, ...]) -> None:
+    """The whole path on an embedded default, in a minute or two on a CPU: sample shards and captions, build the
+    cache with a tiny random-init teacher, info, verify."""
+    from kdcache.quickstart import run_quickstart
+
+    sys.exit(run_quickstart(workdir, teacher=teacher, images=images))
+
+
+if __name__ == "__main__":
+    cli()
