@@ -14,9 +14,11 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120, "sho
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # timm logs at INFO about every model it builds; keep its warnings only.
-    logging.getLogger("timm").setLevel(logging.WARNING)
+    # open_clip logs every model it builds at INFO on the root logger: keep third-party output at WARNING and
+    # kdcache's own at INFO (DEBUG with -v).
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kdcache").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 @click.group(context_settings=CONTEXT)
