@@ -357,6 +357,7 @@ class _Builder:
             persistent_workers=False,
         )
         outputs: dict[str, dict] = {}
+        rows_seen, shards_seen = 0, 0
         for item in loader:
             if isinstance(item, _Batch):
                 emb, idx, val, lse = self.teacher_outputs(item.pixels)
@@ -365,6 +366,10 @@ class _Builder:
                 bar.update(int((item.views == 0).sum()))
             else:
                 self.finish_shard(item, outputs.pop(item.unit.name, {}))
+                # Shard sizes are unknown until read: estimate the total from the shards seen so far, for the ETA.
+                rows_seen, shards_seen = rows_seen + item.rows, shards_seen + 1
+                bar.total = max(bar.n, round(rows_seen / shards_seen * len(units)))
+                bar.refresh()
 
     # -- caption blocks
     def run_caption_block(self, unit: Unit, corpus: dict, quota: int | None, bar: tqdm) -> None:
@@ -610,8 +615,9 @@ def consolidate(root: zarr.Group, units: list[Unit], *, started: float, counts_h
                  capabilities=[c for c in schema.KNOWN_CAPABILITIES if c in caps], summary=summary)
     attrs["run"] = {**attrs.get("run", {}), "finished": time.time(), "seconds": elapsed, "this_run": counts_here}
     root.attrs[schema.ROOT_ATTR] = attrs
+    summary_run = {"seconds": round(elapsed, 2), **counts_here}
     return BuildResult(str(root.store.root) if hasattr(root.store, "root") else str(root.store), attrs["status"],
-                       summary, failed + missing)
+                       {**summary, "this_run": summary_run}, failed + missing)
 
 
 def find_duplicate_keys(root: zarr.Group, units: list[Unit]) -> dict:
@@ -651,6 +657,12 @@ def print_summary(result: BuildResult, file=None) -> None:
             print("  rejected: " + ", ".join(f"{k}={v}" for k, v in s["rejected"].items()), file=file)
         if s["duplicate_keys"]["count"]:
             print(f"  duplicate keys: {s['duplicate_keys']['count']} (all rows kept; see `kdcache info`)", file=file)
+        r = s.get("this_run")
+        if r:
+            n = r.get("images", 0) + r.get("captions", 0)
+            print(f"  this run: {r.get('images', 0)} images, {r.get('captions', 0)} captions "
+                  f"({r.get('image_rejected', 0) + r.get('caption_rejected', 0)} rejected) in {r['seconds']:.1f} s"
+                  + (f" = {n / r['seconds']:.1f} samples/s" if r["seconds"] > 0 else ""), file=file)
         for u in s["failed_units"]:
             print(f"  FAILED: {u}", file=file)
         for u in s["missing_units"]:
