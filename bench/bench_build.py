@@ -40,6 +40,7 @@ def synth_shards(out: Path, n: int, per_shard: int, seed: int = 0) -> list[str]:
     from kdcache.synth import write_tar
 
     rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in range(n):
         members = []

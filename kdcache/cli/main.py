@@ -156,6 +156,76 @@ def verify(cache: str, no_progress: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.option("--cache", required=True, type=click.Path(exists=True), help="The teacher cache (from kdcache build).")
+@click.option("--tower", required=True, type=click.Choice(["image", "text"]), help="Which student tower to train.")
+@click.option("--student", required=True, metavar="NAME|CONFIG.json",
+              help="kdcache student (kdc-seed-image-vit, kdc-seed-text, kdc-tiny-image, kdc-tiny-text), any open_clip "
+                   "model name, or an open_clip model-config JSON. Random init unless --student-pretrained.")
+@click.option("--student-pretrained", default=None, metavar="TAG|PATH", help="Initial weights for the student.")
+@click.option("--out", required=True, type=click.Path(), help="Run directory (config, metrics, checkpoints).")
+@click.option("--loss", "losses", multiple=True, metavar="NAME=WEIGHT",
+              help="Loss terms (repeatable), e.g. --loss l1=0.6 --loss ce=0.35 --loss kl=0.05, or a preset "
+                   "(--loss seed001). Image: kl, ce, l1, mse, cosine, icl, affinity; text: l1, mse, cosine, icl, "
+                   "affinity. [default: a label-free default per tower]")
+@click.option("--temperature", default=2.0, type=click.FloatRange(min=0, min_open=True),
+              help="KD temperature T for kl (scaled by T^2) and affinity.")
+@click.option("--epochs", default=None, type=click.IntRange(1), help="Epochs [default: 1 unless --max-steps].")
+@click.option("--max-steps", default=None, type=click.IntRange(1), help="Optimizer steps (instead of --epochs).")
+@click.option("--batch-size", default=64, type=click.IntRange(1), help="Samples per micro-batch.")
+@click.option("--accum-steps", default=1, type=click.IntRange(1), help="Gradient accumulation micro-batches per step.")
+@click.option("--lr", default=5e-4, type=float, help="AdamW peak learning rate (linear warmup, cosine decay).")
+@click.option("--weight-decay", default=0.05, type=float, help="AdamW weight decay (not on biases and norms).")
+@click.option("--warmup-steps", default=None, type=click.IntRange(0), help="Warmup steps [default: 5% of steps].")
+@click.option("--grad-clip", default=1.0, type=float, help="Gradient norm clipping.")
+@click.option("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+@click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Autocast precision (CUDA only; CPU trains in fp32).")
+@click.option("--workers", default=0, type=click.IntRange(0),
+              help="DataLoader workers (decode + crop replay for the image tower). Does not change the result.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads [default: torch's].")
+@click.option("--images", multiple=True, metavar="PATTERN",
+              help="Where the cache's image shards are now, if they moved (same shards, same order).")
+@click.option("--seed", default=0, type=int, help="Seed of student init and data order.")
+@click.option("--val-fraction", default=0.05, type=click.FloatRange(0, 0.5),
+              help="Fixed validation split, chosen by key hash.")
+@click.option("--buffer", default=2048, type=click.IntRange(1), help="In-memory shuffle buffer (rows).")
+@click.option("--checkpoint-every", default=200, type=click.IntRange(1), help="Checkpoint every N steps (and at "
+              "each epoch end).")
+@click.option("--allow-incomplete", is_flag=True, help="Train on a cache whose build has failed or missing shards.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(**kw) -> None:
+    """Train a student image or text tower from the cache alone (the teacher is never built).
+
+    \b
+    Example:
+      kdcache train --cache cifar10.zarr --tower image --student kdc-seed-image-vit \\
+          --loss seed001 --temperature 4 --epochs 5 --out runs/seed001
+    """
+    from kdcache.cache.reader import CacheError
+    from kdcache.train.data import DataError
+    from kdcache.train.loop import TrainConfig, TrainError, run
+    from kdcache.train.losses import parse_loss_args
+
+    try:
+        losses = tuple(parse_loss_args(kw.pop("losses")).items())
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--loss") from None
+    kw["progress"] = not kw.pop("no_progress")
+    cfg = TrainConfig(losses=losses, **kw)
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt:
+        click.echo("interrupted: rerun with --resume to continue from the latest checkpoint", err=True)
+        sys.exit(130)
+    except (TrainError, CacheError, DataError) as e:
+        raise click.ClickException(str(e)) from None
+    v = result.final_val
+    click.echo(f"run: {result.out}  steps: {result.steps}  " + "  ".join(
+        f"{k}={val:.4f}" for k, val in v.items() if isinstance(val, float)))
+
+
+@cli.command(context_settings=CONTEXT)
 @click.option("--workdir", default="kdcache-quickstart", type=click.Path(),
               help="Where the sample data, cache and reports go.")
 @click.option("--teacher", default=None, metavar="SPEC",

@@ -1,0 +1,413 @@
+"""Student training data from a teacher cache: batches whose order is a pure function of (seed, epoch, step).
+
+    spec = DataSpec(cache="cache.zarr", tower="image", batch_size=64, seed=0)
+    loader = make_loader(spec, split="train", epoch=0, workers=4, student_preprocess=model.visual.preprocess_cfg)
+    for batch in loader:          # {"pixels": uint8 [B,3,H,W], "teacher": float32 [B,D], "labels": ..., ...}
+        ...
+
+How the order stays the same whatever `workers` is, while every read stays sequential:
+
+1. An *order stream* that every worker regenerates identically and cheaply: the tower's units (image shards, caption
+   blocks) in a permutation seeded by (seed, epoch); each unit read sequentially (its cache arrays whole, i.e. whole
+   chunks; for image pixels its tar with `sources.iter_shard`, members kept as undecoded bytes); rows passed through
+   a fixed-size shuffle buffer seeded by (seed, epoch); then cut into batches.
+2. Batch b is *materialised* (decode, crop replay, resize, tokenise: the expensive part) only by worker b % W. A
+   DataLoader with batch_size=None round-robins over its workers, so it returns batches 0, 1, 2, ... in order.
+3. Resuming at step k skips the first k batches without materialising them.
+
+Memory is bounded by the shuffle buffer and one unit's cache arrays, never by the dataset. Validation reads units in
+cache order without shuffling and uses view 0, so it sees the same batches every epoch.
+
+This module never imports the teacher (nor the build, which does): everything it needs is in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from open_clip.transform import PreprocessCfg
+
+from kdcache.cache import schema
+from kdcache.cache.reader import Cache, CacheError, open_cache
+from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
+from kdcache.cache.sources import RawSample, RejectError, ShardReport, expand_urls, iter_shard, parse_sample
+from kdcache.cache.views import eval_transform_uint8, render_view
+
+log = logging.getLogger(__name__)
+
+TOWERS = ("image", "text")
+SPLITS = ("train", "val")
+# Stream ids that keep the generators of one (seed, epoch) independent of each other.
+_UNIT_ORDER, _BUFFER = 1, 2
+_PICKS = 4096  # shuffle-buffer indices drawn per RNG call (one call per row would dominate the order stream)
+
+
+class DataError(ValueError):
+    """The data cannot be served as the cache describes it (shards moved or rewritten, a bad spec); the message names
+    the shard, position and keys involved."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What to read and how to order it; the same spec and (split, epoch, step) always give the same batches."""
+
+    cache: str                     # cache path
+    tower: str                     # "image" | "text"
+    batch_size: int
+    seed: int = 0
+    buffer: int = 2048             # shuffle buffer (rows); 0 turns shuffling within the unit order off
+    val_fraction: float = 0.05     # fixed validation split by key hash (`split_of`)
+    images: tuple[str, ...] = ()   # override of the shard locations: same count and order as the cache's inputs
+    allow_incomplete: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tower not in TOWERS:
+            raise DataError(f"tower must be one of {TOWERS}, got {self.tower!r}")
+        if self.batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.seed < 0:  # numpy's SeedSequence takes non-negative integers only
+            raise DataError(f"seed must be non-negative, got {self.seed}")
+        if self.buffer < 0:
+            raise DataError(f"buffer must be non-negative, got {self.buffer}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+def _hash_unit(data: bytes, person: bytes) -> float:
+    """blake2b of `data` as a float in [0, 1): independent of Python's hash randomisation, workers and platform."""
+    digest = hashlib.blake2b(data, digest_size=8, person=person).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """The fixed split of a row: "val" for a `val_fraction` share of keys chosen by hash, else "train". Image rows
+    are keyed by `__key__` (their paired captions too, so a pair never straddles the split), corpus captions by
+    `caption_key`."""
+    return "val" if _hash_unit(key.encode("utf-8"), b"kdcache-split") < val_fraction else "train"
+
+
+def caption_key(corpus: int, index: int) -> str:
+    """The split key of a caption-corpus record: its address in the inputs, stable across rebuilds."""
+    return f"cap:{corpus}:{index}"
+
+
+def choose_view(*, seed: int, epoch: int, shard: int, position: int, views: int) -> int:
+    """The cached view a training sample shows in this epoch: a hash of (seed, epoch, shard, position), so it depends
+    on neither the worker nor any RNG state."""
+    if views <= 1:
+        return 0
+    return int(_hash_unit(struct.pack("<4q", seed, epoch, shard, position), b"kdcache-view") * views)
+
+
+@dataclass(slots=True)
+class RawRow:
+    """One row of the order stream: everything from the cache, plus the undecoded tar members (image tower) or the
+    caption text (text tower). Nothing expensive has happened to it yet."""
+
+    shard: int                     # image shard index, -1 for caption-corpus rows
+    corpus: int                    # caption corpus index, -1 for rows of image shards
+    position: int                  # row in the shard, or record index in the corpus
+    key: str                       # the split key
+    teacher: np.ndarray            # float32 [D] teacher embedding of this row (the chosen view / the caption)
+    other: np.ndarray              # float32 [D] teacher embedding of the paired other modality, NaN when none
+    has_other: bool
+    label: int                     # -1 when none
+    view: int = 0
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    flip: bool = False
+    members: dict[str, bytes] = field(default_factory=dict)  # image tower: the sample's tar members
+    text: str = ""                                             # text tower: the caption
+
+
+def _usable_units(cache: Cache, kind: str) -> list[Unit]:
+    """Units whose data was written (a status exists, done or failed). Only an incomplete cache opened with
+    allow_incomplete has units without one; their arrays may be missing or half written, so they are left out."""
+    units = []
+    for u in cache.units(kind):
+        if cache.status(u) is None:
+            log.warning("%s: unit %s was never finished; its rows are left out", cache.path, u.name)
+            continue
+        units.append(u)
+    return units
+
+
+def _shuffled(rows: Iterable[RawRow], size: int, rng: np.random.Generator) -> Iterator[RawRow]:
+    """A fixed-size shuffle buffer: once full, each incoming row replaces (and releases) a random resident one."""
+    buf: list[RawRow] = []
+    picks: Iterator[int] = iter(())
+    for row in rows:
+        if len(buf) < size:
+            buf.append(row)
+            continue
+        j = next(picks, None)
+        if j is None:
+            picks = iter(rng.integers(0, size, _PICKS).tolist())
+            j = next(picks)
+        out, buf[j] = buf[j], row
+        yield out
+    for j in rng.permutation(len(buf)).tolist():
+        yield buf[j]
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    # A copy, so that rows waiting in the shuffle buffer do not keep their whole unit's arrays alive.
+    return np.array(a, dtype=np.float32, copy=True)
+
+
+def _size_hw(preprocess: dict) -> tuple[int, int]:
+    size = preprocess["size"]
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """The batches of one split and epoch of a cache, starting at `start_step`. Use it through `make_loader` (a
+    DataLoader with batch_size=None), or iterate it directly (one process).
+
+    Image tower batches: pixels uint8 [B,3,H,W] at the student's size, teacher float32 [B,D] (the cached embedding of
+    the replayed view), labels int64 [B] (-1 none), other float32 [B,D] (paired caption embedding, NaN none),
+    has_other bool [B], view/shard/position int64 [B].
+    Text tower batches: tokens int64 [B,ctx], teacher float32 [B,D] (caption embedding), other float32 [B,D] (the
+    paired image's view-0 embedding, NaN for corpus rows), has_other, labels, and shard/corpus/position int64 [B]
+    (shard -1 for corpus rows, corpus -1 for paired captions).
+    """
+
+    def __init__(self, spec: DataSpec, *, split: str, epoch: int, start_step: int = 0,
+                 student_preprocess: dict | None = None, tokenizer: Callable | None = None):
+        super().__init__()
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+        if epoch < 0 or start_step < 0:
+            raise DataError(f"epoch and start_step must be non-negative, got {epoch} and {start_step}")
+        self.spec, self.split, self.epoch, self.start_step = spec, split, epoch, start_step
+        self.tokenizer = tokenizer
+        self._len: int | None = None
+        self._eval_tf: Callable | None = None  # built on first use, in the process that uses it
+        # Checked here, in the main process, so a bad spec fails before any worker starts. The zarr group itself is
+        # not kept: each worker opens its own in __iter__ (open zarr handles are not meant to be pickled).
+        cache = _open(spec)
+        self.views = cache.views
+        self.build = {"max_pixels": int(cache.attrs["build"]["max_pixels"]),
+                      "background": tuple(int(c) for c in cache.attrs["build"]["background"])}
+        self.urls: list[str] = []
+        self.student_preprocess: dict | None = None
+        if spec.tower == "image":
+            self.urls = _shard_urls(cache, spec.images)
+            if student_preprocess is None:
+                log.warning("no student preprocessing given: using the teacher's from the cache (%s)",
+                            cache.attrs["preprocess"])
+                student_preprocess = cache.attrs["preprocess"]
+            self.student_preprocess = dict(student_preprocess)
+            if "size" not in self.student_preprocess:
+                raise DataError(f"student_preprocess needs a 'size', got {self.student_preprocess}")
+        elif tokenizer is None:
+            raise DataError("the text tower needs the student's tokenizer (tokenizer=open_clip.get_tokenizer(...))")
+
+    @property
+    def drop_last(self) -> bool:
+        return self.split == "train"  # training steps see full batches; validation sees every row
+
+    def __len__(self) -> int:
+        """Batches this stream yields (after `start_step`); counting reads the cache's small arrays once."""
+        if self._len is None:
+            rows = count_rows(self.spec, self.split)
+            b = self.spec.batch_size
+            self._len = rows // b if self.drop_last else -(-rows // b)
+        return max(0, self._len - self.start_step)
+
+    # ------------------------------------------------------------------------------------------ the order stream
+
+    def order(self) -> Iterator[RawRow]:
+        """The epoch's rows in batch order, unmaterialised: identical in every process that computes it."""
+        cache = _open(self.spec)
+        train = self.split == "train"
+        if self.spec.tower == "image":
+            units = _usable_units(cache, IMAGES)
+        else:
+            units = _usable_units(cache, IMAGES) + _usable_units(cache, CAPTIONS)
+        if train:
+            rng = np.random.default_rng([self.spec.seed, self.epoch, _UNIT_ORDER])
+            units = [units[i] for i in rng.permutation(len(units)).tolist()]
+        rows = (row for unit in units for row in self._unit_rows(cache, unit))
+        if train and self.spec.buffer > 1:
+            rows = _shuffled(rows, self.spec.buffer, np.random.default_rng([self.spec.seed, self.epoch, _BUFFER]))
+        yield from rows
+
+    def _unit_rows(self, cache: Cache, unit: Unit) -> Iterator[RawRow]:
+        if unit.kind == CAPTIONS:
+            yield from self._corpus_rows(cache, unit)
+        elif self.spec.tower == "text":
+            yield from self._paired_caption_rows(cache, unit)
+        else:
+            yield from self._image_rows(cache, unit)
+
+    def _mine(self, key: str) -> bool:
+        return split_of(key, self.spec.val_fraction) == self.split
+
+    def _corpus_rows(self, cache: Cache, unit: Unit) -> Iterator[RawRow]:
+        a = cache.read(unit, ["index", "valid", "text", "emb"])
+        nan = np.full(cache.embed_dim, np.nan, np.float32)
+        for r in np.flatnonzero(a["valid"]).tolist():
+            index = int(a["index"][r])
+            key = caption_key(unit.index, index)
+            if self._mine(key):
+                yield RawRow(shard=-1, corpus=unit.index, position=index, key=key, teacher=_f32(a["emb"][r]),
+                             other=nan, has_other=False, label=-1, text=str(a["text"][r]))
+
+    def _paired_caption_rows(self, cache: Cache, unit: Unit) -> Iterator[RawRow]:
+        a = cache.read(unit, ["key", "valid", "label", "caption", "caption_emb", "emb"])
+        for p in np.flatnonzero(a["valid"] & (a["caption"] != "")).tolist():
+            key = str(a["key"][p])
+            if self._mine(key):
+                yield RawRow(shard=unit.index, corpus=-1, position=p, key=key, teacher=_f32(a["caption_emb"][p]),
+                             other=_f32(a["emb"][p, 0]), has_other=True, label=int(a["label"][p]),
+                             text=str(a["caption"][p]))
+
+    def _image_rows(self, cache: Cache, unit: Unit) -> Iterator[RawRow]:
+        """The shard's tar streamed in order and joined to the cache rows by position, checking every key."""
+        a = cache.read(unit, ["key", "valid", "label", "caption", "caption_emb", "view_box", "view_flip", "emb"])
+        rows = len(a["key"])
+        limited = bool((cache.status(unit) or {}).get("limited"))
+        url = self.urls[unit.index]
+        report = ShardReport(url=url)
+        seen = 0
+        train = self.split == "train"
+        for raw in iter_shard(url, report):
+            p = raw.position
+            if p >= rows:
+                if limited:  # a `--limit` build cached only the first rows of this shard
+                    break
+                raise DataError(f"shard {unit.index} ({url}) has more samples than the {rows} rows the cache holds "
+                                f"for it (position {p}, key {raw.key!r}): it was rewritten after the build")
+            seen = p + 1
+            cached = str(a["key"][p])
+            if raw.key != cached:
+                raise DataError(f"shard {unit.index} ({url}) position {p}: the tar has key {raw.key!r} where the "
+                                f"cache has {cached!r}; the shards were moved or rewritten (check --images)")
+            if not a["valid"][p] or not self._mine(cached):
+                continue
+            v = choose_view(seed=self.spec.seed, epoch=self.epoch, shard=unit.index, position=p,
+                            views=self.views) if train else 0
+            has_other = bool(a["caption"][p] != "")
+            yield RawRow(shard=unit.index, corpus=-1, position=p, key=cached, teacher=_f32(a["emb"][p, v]),
+                         other=_f32(a["caption_emb"][p]), has_other=has_other, label=int(a["label"][p]), view=v,
+                         box=tuple(int(x) for x in a["view_box"][p, v]), flip=bool(a["view_flip"][p, v]),
+                         members=raw.members)
+        if seen < rows:
+            detail = f" ({report.error})" if report.error else ""
+            hint = "; if the shards moved, give their new locations (--images)" if seen == 0 else ""
+            raise DataError(f"shard {unit.index} ({url}) yielded {seen} samples but the cache has {rows} rows for "
+                            f"it{detail}: the shard was truncated or rewritten after the build{hint}")
+
+    # ----------------------------------------------------------------------------------------- materialising
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        start, size = self.start_step, self.spec.batch_size
+        materialise = self._image_batch if self.spec.tower == "image" else self._text_batch
+        b, batch = 0, []
+        for row in self.order():
+            batch.append(row)
+            if len(batch) == size:
+                # DataLoader asks worker 0 first, then 1, ...: the first batch after the resume point is worker 0's.
+                if b >= start and (b - start) % nw == wid:
+                    yield materialise(batch)
+                b, batch = b + 1, []
+        if batch and not self.drop_last and b >= start and (b - start) % nw == wid:
+            yield materialise(batch)
+
+    def decode_image(self, row: RawRow):
+        """The row's picture decoded exactly as the build decoded it (same max_pixels and background)."""
+        raw = RawSample(key=row.key, position=row.position, members=row.members)
+        try:
+            return parse_sample(raw, max_pixels=self.build["max_pixels"], background=self.build["background"]).image
+        except RejectError as e:
+            raise DataError(f"shard {row.shard} position {row.position} (key {row.key!r}) was valid at build time but "
+                            f"now fails to decode ({e}): the shard was rewritten after the build") from None
+
+    def replay(self, row: RawRow) -> torch.Tensor:
+        """The cached view of the row at the student's size: view 0 is the student's own eval transform (as view 0
+        is the teacher's), view v >= 1 the recorded crop box and flip resized with the student's interpolation."""
+        img = self.decode_image(row)
+        if row.view == 0:
+            if self._eval_tf is None:
+                self._eval_tf = eval_transform_uint8(self.student_preprocess)
+            return self._eval_tf(img)
+        interp = self.student_preprocess.get("interpolation") or PreprocessCfg.interpolation
+        return render_view(img, row.box, row.flip, size=_size_hw(self.student_preprocess), interpolation=interp)
+
+    def _common(self, rows: list[RawRow]) -> dict[str, torch.Tensor]:
+        return {
+            "teacher": torch.from_numpy(np.stack([r.teacher for r in rows])),
+            "other": torch.from_numpy(np.stack([r.other for r in rows])),
+            "has_other": torch.tensor([r.has_other for r in rows], dtype=torch.bool),
+            "labels": torch.tensor([r.label for r in rows], dtype=torch.int64),
+            "shard": torch.tensor([r.shard for r in rows], dtype=torch.int64),
+            "position": torch.tensor([r.position for r in rows], dtype=torch.int64),
+        }
+
+    def _image_batch(self, rows: list[RawRow]) -> dict[str, torch.Tensor]:
+        return {"pixels": torch.stack([self.replay(r) for r in rows]), **self._common(rows),
+                "view": torch.tensor([r.view for r in rows], dtype=torch.int64)}
+
+    def _text_batch(self, rows: list[RawRow]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer([r.text for r in rows])
+        return {"tokens": torch.as_tensor(tokens, dtype=torch.int64), **self._common(rows),
+                "corpus": torch.tensor([r.corpus for r in rows], dtype=torch.int64)}
+
+
+def _open(spec: DataSpec) -> Cache:
+    need = [schema.CAP_IMAGES] if spec.tower == "image" else []
+    cache = open_cache(spec.cache, allow_incomplete=spec.allow_incomplete, need=need)
+    if spec.tower == "text" and not {schema.CAP_CAPTIONS, schema.CAP_PAIRED} & set(cache.capabilities):
+        raise CacheError(f"{spec.cache}: the text tower needs caption corpora or paired captions; the cache has "
+                         f"neither (capabilities {cache.capabilities})")
+    return cache
+
+
+def _shard_urls(cache: Cache, images: tuple[str, ...]) -> list[str]:
+    """Where the image shards are now: the cache's recorded inputs, or the override (same count, same order)."""
+    recorded = list(cache.attrs["inputs"]["images"])
+    if not images:
+        return recorded
+    urls = expand_urls(list(images))
+    if len(urls) != len(recorded):
+        raise DataError(f"--images names {len(urls)} shard(s) but the cache was built from {len(recorded)}; give "
+                        f"them all, in the build's order (first recorded: {recorded[:1]})")
+    return urls
+
+
+def make_loader(spec: DataSpec, *, split: str, epoch: int, start_step: int = 0, workers: int = 0,
+                student_preprocess: dict | None = None, tokenizer: Callable | None = None,
+                pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over `TrainStream`: the same batches in the same order for any `workers` (0 = in-process)."""
+    stream = TrainStream(spec, split=split, epoch=epoch, start_step=start_step,
+                         student_preprocess=student_preprocess, tokenizer=tokenizer)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, persistent_workers=False)
+
+
+def count_rows(spec: DataSpec, split: str) -> int:
+    """Rows of a split, from the cache's small arrays alone (no tar is read): for steps per epoch."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    cache = _open(spec)
+    n = 0
+    for unit in _usable_units(cache, IMAGES):
+        names = ["key", "valid"] + (["caption"] if spec.tower == "text" else [])
+        a = cache.read(unit, names)
+        keep = a["valid"] & (a["caption"] != "") if spec.tower == "text" else a["valid"]
+        n += sum(split_of(str(k), spec.val_fraction) == split for k in a["key"][keep].tolist())
+    if spec.tower == "text":
+        for unit in _usable_units(cache, CAPTIONS):
+            a = cache.read(unit, ["index", "valid"])
+            n += sum(split_of(caption_key(unit.index, int(i)), spec.val_fraction) == split
+                     for i in a["index"][a["valid"]].tolist())
+    return n

@@ -1,0 +1,417 @@
+"""`kdcache train`: distil a student tower from the cache alone — the teacher is never built or imported.
+
+    kdcache train --cache cache.zarr --tower image --student kdc-tiny-image --out runs/img --max-steps 50
+    kdcache train --cache cifar10.zarr --tower image --student kdc-seed-image-vit --loss seed001 --epochs 5 --out runs/s
+
+One readable loop: AdamW, linear warmup + cosine decay, gradient clipping and accumulation, autocast only on CUDA.
+Data order is a pure function of (seed, epoch, step), so a run killed at any moment and resumed with `--resume` ends
+with the same weights as an uninterrupted one. The run directory holds the resolved config, the cache fingerprint,
+metrics (JSONL + CSV), atomic checkpoints, and `done.json`, written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from kdcache import __version__
+from kdcache.cache import schema
+from kdcache.cache.reader import open_cache
+from kdcache.train.data import DataSpec, count_rows, make_loader
+from kdcache.train.losses import LossInputs, WeightedLoss, default_losses
+from kdcache.train.students import Student, build_student
+
+log = logging.getLogger(__name__)
+
+DONE = "done.json"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+FINAL = "final"
+# Settings that do not change the result: a --resume may change them.
+NON_IDENTITY = ("resume", "progress", "workers", "out", "images", "checkpoint_every", "allow_incomplete")
+_AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainError(ValueError):
+    """A run that cannot start as asked; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str
+    tower: str
+    student: str
+    out: str
+    losses: tuple[tuple[str, float], ...] = ()     # empty: the tower's label-free default
+    temperature: float = 2.0
+    epochs: int | None = None                      # default 1 when max_steps is not given either
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int | None = None                # default: 5% of the total steps
+    grad_clip: float = 1.0
+    accum_steps: int = 1
+    device: str = "cpu"
+    precision: str = "fp32"
+    workers: int = 0
+    threads: int | None = None
+    images: tuple[str, ...] = ()
+    seed: int = 0
+    student_pretrained: str | None = None
+    val_fraction: float = 0.05
+    buffer: int = 2048
+    checkpoint_every: int = 200
+    allow_incomplete: bool = False
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    epochs_done: int
+    final_val: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------- run directory
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, *, student: Student, optimizer, scheduler, step: int, epoch: int,
+                    epoch_step: int, meta: dict, keep: int = 2) -> Path:
+    """Write checkpoints/step-N/ completely under a temporary name, rename it, then point `latest` at it."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()},
+              str(tmp / "student.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "train_state.pt")
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "epoch": epoch, "epoch_step": epoch_step},
+                                              indent=2))
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write_text(root / LATEST, name)
+    for old in sorted(p for p in root.glob("step-*") if p.name != name)[:-max(keep - 1, 0) or None]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    p = run_dir / CHECKPOINTS / LATEST
+    if not p.exists():
+        return None
+    ck = run_dir / CHECKPOINTS / p.read_text().strip()
+    return ck if (ck / "meta.json").exists() else None
+
+
+def _identity(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in NON_IDENTITY}
+
+
+class _Metrics:
+    """metrics.jsonl (appended every step) and metrics.csv (rewritten from the JSONL at each epoch end)."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.jsonl, self.csv = run_dir / METRICS, run_dir / "metrics.csv"
+        if resume_step is not None and self.jsonl.exists():  # drop rows logged after the checkpoint we resume from
+            rows = [r for r in self._rows() if r.get("step", 0) <= resume_step]
+            _atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        elif resume_step is None and self.jsonl.exists():
+            self.jsonl.unlink()
+        self.fh = open(self.jsonl, "a")  # noqa: SIM115 - closed in close()
+
+    def _rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+
+    def log(self, row: dict) -> None:
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+
+    def write_csv(self) -> None:
+        self.fh.flush()
+        rows = self._rows()
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        tmp = self.csv.with_name(".metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.csv)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+# -------------------------------------------------------------------------------------------------------- the loop
+
+def _autocast(device: torch.device, precision: str):
+    amp = _AMP.get(precision) if device.type == "cuda" else None
+    return torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def check_requirements(cache, tower: str, loss: WeightedLoss) -> None:
+    """Refuse, before step 1, a tower or loss the cache has no data for — naming the loss and what is missing."""
+    caps = set(cache.capabilities)
+    if tower == "image" and schema.CAP_IMAGES not in caps:
+        raise TrainError(f"--tower image needs image rows; the cache has capabilities {sorted(caps)}")
+    if tower == "text" and not caps & {schema.CAP_CAPTIONS, schema.CAP_PAIRED}:
+        raise TrainError(f"--tower text needs captions (a caption corpus or paired captions); the cache has "
+                         f"{sorted(caps)}")
+    need_cap = {"logits": schema.CAP_LOGITS, "labels": schema.CAP_LABELS, "pairs": schema.CAP_PAIRED}
+    for name in loss.names:
+        for need in loss.needs_of(name):
+            if need_cap[need] not in caps:
+                raise TrainError(f"loss '{name}' needs {need} but the cache lacks capability '{need_cap[need]}' "
+                                 f"(it has {sorted(caps)}); rebuild with "
+                                 + {"logits": "--classes", "labels": "labelled shards (.cls)",
+                                    "pairs": "captioned shards (.txt/.json)"}[need])
+
+
+def _to_inputs(batch: dict, s_emb: torch.Tensor, head, scale: float, temperature: float, device) -> LossInputs:
+    other = batch.get("other")
+    return LossInputs(
+        student=s_emb.float(), teacher=batch["teacher"].to(device, non_blocking=True), head=head,
+        logit_scale=scale, temperature=temperature, labels=batch["labels"].to(device, non_blocking=True),
+        other=None if other is None else other.to(device, non_blocking=True),
+        has_other=None if other is None else batch["has_other"].to(device, non_blocking=True),
+    )
+
+
+def _student_input(student: Student, batch: dict, device) -> torch.Tensor:
+    if student.tower == "image":
+        return student.normalize_pixels(batch["pixels"].to(device, non_blocking=True))
+    return batch["tokens"].to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def validate(student: Student, loss_fn: WeightedLoss, loader, *, head, scale: float, temperature: float, device,
+             precision: str) -> dict:
+    """Mean cosine to the teacher, top-1 agreement with the teacher's class prediction, and the losses."""
+    student.eval()
+    n, cos_sum, agree, sums = 0, 0.0, 0, {}
+    for batch in loader:
+        with _autocast(device, precision):
+            s = student(_student_input(student, batch, device))
+        x = _to_inputs(batch, s, head, scale, temperature, device)
+        b = x.student.shape[0]
+        cos_sum += torch.nn.functional.cosine_similarity(x.student, x.teacher, dim=-1).sum().item()
+        if head is not None:
+            agree += ((x.student @ head.T).argmax(-1) == (x.teacher @ head.T).argmax(-1)).sum().item()
+        for k, v in loss_fn(x).items():
+            sums[k] = sums.get(k, 0.0) + v.item() * b
+        n += b
+    student.train()
+    if n == 0:
+        return {"val_rows": 0}
+    out = {"val_rows": n, "val_cosine": cos_sum / n}
+    if head is not None:
+        out["val_top1_agreement"] = agree / n
+    out.update({f"val_{k}": v / n for k, v in sums.items()})
+    return out
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) a student as cfg says."""
+    if cfg.tower not in ("image", "text"):
+        raise TrainError("--tower must be image or text")
+    if cfg.epochs is not None and cfg.max_steps is not None:
+        raise TrainError("give --epochs or --max-steps, not both")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda but CUDA is not available")
+    precision = cfg.precision if device.type == "cuda" else "fp32"
+    if precision != cfg.precision:
+        log.warning("--precision %s applies on CUDA only; training in fp32 on %s", cfg.precision, device)
+    cache = open_cache(cfg.cache, allow_incomplete=cfg.allow_incomplete)
+    run_dir = Path(cfg.out)
+
+    weights = dict(cfg.losses) or default_losses(cfg.tower, set(cache.capabilities),
+                                                 schema.CAP_LABELS in cache.capabilities)
+    loss_fn = WeightedLoss(weights, cfg.tower)
+    check_requirements(cache, cfg.tower, loss_fn)
+
+    resolved = {**_identity(cfg), "losses": weights, "loss_formula": loss_fn.formula, "precision": precision,
+                "threads": torch.get_num_threads()}
+    fingerprint = cache.fingerprint()
+    ckpt = None
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.resume:
+            raise TrainError(f"{run_dir} already exists: pass --resume to continue it, or choose a new --out")
+        old = json.loads((run_dir / CONFIG).read_text())
+        if old["cache_fingerprint"] != fingerprint:
+            raise TrainError(f"--resume refused: the cache changed (cache_fingerprint {old['cache_fingerprint']} "
+                             f"-> {fingerprint})")
+        changed = sorted(k for k in set(old["config"]) | set(resolved) if old["config"].get(k) != resolved.get(k))
+        if changed:
+            detail = ", ".join(f"{k}: {old['config'].get(k)!r} -> {resolved.get(k)!r}" for k in changed)
+            raise TrainError(f"--resume refused: config changed ({detail})")
+        ckpt = latest_checkpoint(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    student = build_student(cfg.student, tower=cfg.tower, teacher_dim=cache.embed_dim,
+                            pretrained=cfg.student_pretrained, seed=cfg.seed).to(device)
+    head = None
+    if schema.CAP_LOGITS in cache.capabilities:
+        head = torch.from_numpy(cache.vocab()[2]).to(device)
+    scale = cache.logit_scale
+
+    spec = DataSpec(cache=cfg.cache, tower=cfg.tower, batch_size=cfg.batch_size, seed=cfg.seed, buffer=cfg.buffer,
+                    val_fraction=cfg.val_fraction, images=cfg.images, allow_incomplete=cfg.allow_incomplete)
+    rows = count_rows(spec, "train")
+    micro_per_epoch = rows // cfg.batch_size
+    steps_per_epoch = micro_per_epoch // cfg.accum_steps
+    if steps_per_epoch == 0:
+        raise TrainError(f"the training split has {rows} rows: fewer than one step of --batch-size "
+                         f"{cfg.batch_size} x accumulation {cfg.accum_steps}")
+    epochs = cfg.epochs if cfg.epochs is not None else (None if cfg.max_steps else 1)
+    total = cfg.max_steps if cfg.max_steps else epochs * steps_per_epoch
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
+
+    params = student.trainable_parameters()
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
+
+    step, epoch, epoch_step = 0, 0, 0
+    if ckpt is not None:
+        student.load_state_dict(load_file(str(ckpt / "student.safetensors"), device=str(device)))
+        state = torch.load(ckpt / "train_state.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        meta = json.loads((ckpt / "meta.json").read_text())
+        step, epoch, epoch_step = meta["step"], meta["epoch"], meta["epoch_step"]
+        log.info("resuming from %s (step %d, epoch %d)", ckpt.name, step, epoch)
+    elif cfg.resume:
+        log.info("--resume: no checkpoint in %s yet, starting from step 0", run_dir)
+
+    _atomic_write_text(run_dir / CONFIG, json.dumps({
+        "config": resolved, "cache": cfg.cache, "cache_fingerprint": fingerprint, "student_config": student.config,
+        "student_preprocess": student.preprocess, "teacher": cache.attrs["teacher"], "embed_dim": cache.embed_dim,
+        "logit_scale": scale,
+        "tower": cfg.tower, "kdcache_version": __version__, "steps_per_epoch": steps_per_epoch, "total_steps": total,
+    }, indent=2))
+    metrics = _Metrics(run_dir, step if ckpt is not None else None)
+    print(f"loss: {loss_fn.formula}  (temperature {cfg.temperature}); {rows} training rows, {steps_per_epoch} "
+          f"steps/epoch, {total} steps")
+
+    meta = {"cache_fingerprint": fingerprint, "tower": cfg.tower}
+    loader_kw = {"workers": cfg.workers, "student_preprocess": student.preprocess, "tokenizer": student.tokenizer}
+    val_spec_kw = {"split": "val", "start_step": 0}
+    final_val: dict = {}
+    student.train()
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.tower}", unit="step", disable=not cfg.progress,
+               dynamic_ncols=True)
+    try:
+        while step < total:
+            loader = make_loader(spec, split="train", epoch=epoch, start_step=epoch_step * cfg.accum_steps,
+                                 **loader_kw)
+            t0, seen = time.perf_counter(), 0
+            micro = 0
+            for batch in loader:
+                x_in = _student_input(student, batch, device)
+                with _autocast(device, precision):
+                    s = student(x_in)
+                terms = loss_fn(_to_inputs(batch, s, head, scale, cfg.temperature, device))
+                scaler.scale(terms["loss"] / cfg.accum_steps).backward()
+                micro += 1
+                seen += s.shape[0]
+                if micro % cfg.accum_steps:
+                    continue
+                scaler.unscale_(optimizer)
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                epoch_step += 1
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                row = {"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": float(gnorm), "samples_per_s": rate,
+                       **{k: float(v.detach()) for k, v in terms.items()}}
+                metrics.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{rate:.0f}")
+                bar.update(1)
+                end_of_epoch = epoch_step >= steps_per_epoch
+                if step % cfg.checkpoint_every == 0 and not end_of_epoch and step < total:
+                    save_checkpoint(run_dir, student=student, optimizer=optimizer, scheduler=scheduler, step=step,
+                                    epoch=epoch, epoch_step=epoch_step, meta=meta)
+                if end_of_epoch or step >= total:
+                    break
+            # epoch (or run) boundary: validate, checkpoint at the start of the next epoch
+            final_val = validate(student, loss_fn, make_loader(spec, epoch=0, **val_spec_kw, **loader_kw), head=head,
+                                 scale=scale, temperature=cfg.temperature, device=device, precision=precision)
+            metrics.log({"kind": "val", "step": step, "epoch": epoch, **final_val})
+            metrics.write_csv()
+            log.info("epoch %d step %d: %s", epoch, step, ", ".join(f"{k}={v:.4f}" for k, v in final_val.items()
+                                                                      if isinstance(v, float)))
+            if epoch_step >= steps_per_epoch:
+                epoch, epoch_step = epoch + 1, 0
+            save_checkpoint(run_dir, student=student, optimizer=optimizer, scheduler=scheduler, step=step,
+                            epoch=epoch, epoch_step=epoch_step, meta=meta)
+    finally:
+        bar.close()
+        metrics.close()
+    final = run_dir / FINAL
+    final.mkdir(exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()},
+              str(final / "student.safetensors"))
+    _atomic_write_text(run_dir / DONE, json.dumps({"steps": step, "epochs": epoch, "val": final_val,
+                                                   "finished": time.time()}, indent=2))
+    return TrainResult(str(run_dir), step, epoch, final_val)
+
+
+def load_run_student(run_dir: str | Path, *, device: str = "cpu") -> tuple[Student, dict]:
+    """A finished run's student (final weights) and its config.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / DONE).exists():
+        raise TrainError(f"{run_dir} is not a finished kdcache run (no {DONE}); finish it with --resume")
+    conf = json.loads((run_dir / CONFIG).read_text())
+    c = conf["config"]
+    student = build_student(c["student"], tower=conf["tower"], teacher_dim=conf["embed_dim"],
+                            pretrained=None, seed=c["seed"])
+    student.load_state_dict(load_file(str(run_dir / FINAL / "student.safetensors"), device=device))
+    student.eval()
+    return student, conf
