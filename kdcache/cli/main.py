@@ -226,6 +226,39 @@ def train(**kw) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.option("--image", "image_run", type=click.Path(exists=True), default=None, metavar="RUN",
+              help="Training run whose image tower to export.")
+@click.option("--image-from-teacher", default=None, metavar="SPEC",
+              help="Take the image tower from this teacher (any --teacher form) instead.")
+@click.option("--text", "text_run", type=click.Path(exists=True), default=None, metavar="RUN",
+              help="Training run whose text tower to export.")
+@click.option("--text-from-teacher", default=None, metavar="SPEC",
+              help="Take the text tower from this teacher (any --teacher form) instead.")
+@click.option("--pretrained", default=None, metavar="TAG|PATH", help="--pretrained of the teacher given above.")
+@click.option("--out", required=True, type=click.Path(), help="Directory to write (open_clip local-dir format).")
+def export(image_run, image_from_teacher, text_run, text_from_teacher, pretrained, out) -> None:
+    """Export a full CLIP that stock open_clip loads: create_model_and_transforms("local-dir:DIR").
+
+    Each tower comes from a training run (its projection folded in) or from the teacher the run distilled.
+
+    \b
+    Example:
+      kdcache export --image runs/img --text-from-teacher local-dir:teachers/kdc-cifar10-rn18 --out exported/
+    """
+    from kdcache.cache.teacher import TeacherError
+    from kdcache.train.export import ExportError
+    from kdcache.train.export import export as run_export
+    from kdcache.train.loop import TrainError
+
+    try:
+        path = run_export(out=out, image_run=image_run, text_run=text_run, image_from_teacher=image_from_teacher,
+                          text_from_teacher=text_from_teacher, pretrained=pretrained)
+    except (ExportError, TrainError, TeacherError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"exported {path}  (load: open_clip.create_model_and_transforms('local-dir:{path}'))")
+
+
+@cli.command(context_settings=CONTEXT)
 @click.option("--workdir", default="kdcache-quickstart", type=click.Path(),
               help="Where the sample data, cache and reports go.")
 @click.option("--teacher", default=None, metavar="SPEC",
