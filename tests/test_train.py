@@ -88,7 +88,8 @@ import sys
 from kdcache.train.loop import TrainConfig, run
 run(TrainConfig(cache={cache!r}, out={str(tmp_path / 'r')!r}, tower="image", student="kdc-tiny-image",
                 max_steps=2, batch_size=8, progress=False, workers=1))
-bad = [m for m in sys.modules if m in ("kdcache.cache.teacher", "kdcache.cache.build") or m.startswith("kdcache.online")]
+bad = [m for m in sys.modules
+       if m in ("kdcache.cache.teacher", "kdcache.cache.build") or m.startswith("kdcache.online")]
 assert not bad, bad
 print("ok")
 """
