@@ -3,7 +3,8 @@
     kdcache quickstart --workdir /tmp/kdq
 
 It writes a few small sample shards and a caption file, builds a cache with a tiny random-init teacher (so every
-number it prints is meaningless: it shows the mechanics), then runs `info` and `verify`.
+number it prints is meaningless: it shows the mechanics), runs `info` and `verify`, trains a tiny image student and a
+tiny text student from the cache alone, and exports them as one CLIP that stock open_clip loads.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 from kdcache.cache.build import BuildConfig, print_summary, run
 from kdcache.cache.verify import format_info, info, verify
 from kdcache.synth import write_captions, write_image_shards
+from kdcache.train.export import export
+from kdcache.train.loop import TrainConfig
+from kdcache.train.loop import run as train
 
 TINY_TEACHER = "kdc-tiny-vit.json"
 QUICKSTART_CLASSES = ("red", "green", "blue")
@@ -37,7 +41,7 @@ def run_quickstart(workdir: str, *, teacher: str | None = None, images: tuple[st
     classes_file = data / "classes.txt"
     classes_file.write_text("\n".join(QUICKSTART_CLASSES) + "\n")
     cache = work / "cache.zarr"
-    print(f"[1/3] build: {len(images)} shards + a caption corpus -> {cache}")
+    print(f"[1/5] build: {len(images)} shards + a caption corpus -> {cache}")
     if random_teacher:
         print("      teacher: the embedded tiny random-init ViT; its outputs (and every number below) are meaningless.")
     cfg = BuildConfig(
@@ -47,17 +51,32 @@ def run_quickstart(workdir: str, *, teacher: str | None = None, images: tuple[st
     )
     result = run(cfg)
     print_summary(result)
-    print("[2/3] info")
+    print("[2/5] info")
     print(format_info(info(str(cache))))
-    print("[3/3] verify")
+    print("[3/5] verify")
     rep = verify(str(cache), progress=False)
     for p in rep.problems:
         print(f"PROBLEM {p}")
     print(f"verified {rep.checked_units} units, {rep.checked_chunks} chunks: " + ("OK" if rep.ok else "FAILED"))
+    if not (result.ok and rep.ok):
+        return 1
+    runs = work / "runs"
+    print("[4/5] train: an image student and a text student, from the cache alone (the teacher is not loaded)")
+    for tower, student, losses in (("image", "kdc-tiny-image", (("cosine", 1.0), ("kl", 0.5), ("ce", 0.1))),
+                                   ("text", "kdc-tiny-text", (("cosine", 1.0), ("icl", 0.2)))):
+        res = train(TrainConfig(cache=str(cache), tower=tower, student=student, out=str(runs / tower), losses=losses,
+                                max_steps=200, batch_size=32, lr=2e-3, checkpoint_every=100, progress=False))
+        print(f"      {tower}: {res.steps} steps, " + ", ".join(
+            f"{k} {v:.3f}" for k, v in res.final_val.items() if k in ("val_cosine", "val_top1_agreement")))
+    exported = work / "exported"
+    print(f"[5/5] export -> {exported}")
+    export(out=str(exported), image_run=str(runs / "image"), text_run=str(runs / "text"))
     print(f"\nquickstart finished in {time.time() - t0:.0f} s. Everything is under {work}/:")
     print(f"  sample shards and captions  {data}/")
     print(f"  teacher cache               {cache}  (inspect: kdcache info {cache})")
+    print(f"  training runs               {runs}/image, {runs}/text  (metrics.csv, checkpoints, config.json)")
+    print(f"  exported CLIP               {exported}  (open_clip.create_model_and_transforms('local-dir:{exported}'))")
     if random_teacher:
         print("The teacher was random, so only the mechanics, not the numbers, mean anything. Point --teacher at a "
               "real model to see real ones.")
-    return 0 if result.ok and rep.ok else 1
+    return 0

@@ -69,8 +69,9 @@ def cli(verbose: bool) -> None:
 @click.option("--device", default="cpu", help="Teacher device: cpu, cuda, cuda:1, ...")
 @click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Teacher autocast precision (CUDA only; CPU always runs fp32).")
-@click.option("--embed-dtype", default="fp16", type=click.Choice(["fp16", "fp32"]),
-              help="Storage dtype of the embeddings.")
+@click.option("--embed-dtype", default="fp16", type=click.Choice(["fp16", "fp32", "int8"]),
+              help="Storage of the embeddings: fp16, fp32, or int8 with a per-vector scale (about half of fp16's "
+                   "bytes; lossy, see README 'Performance').")
 @click.option("--seed", default=0, type=int, help="Seed of the view generator.")
 @click.option("--limit", default=None, type=click.IntRange(1),
               help="Only the first N image samples and N caption records (dry runs; single process).")
