@@ -33,6 +33,8 @@ from open_clip import factory as oc_factory
 from open_clip import pretrained as oc_pretrained
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from kdcache.modelcfg import ConfigError, jsonable, load_config_file, write_local_dir
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -42,10 +44,6 @@ _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 INIT_SEED = 0
 # Preprocessing fields open_clip fills with its OpenAI defaults when the teacher does not give them.
 _DEFAULTABLE = ("mean", "std", "interpolation", "resize_mode")
-# How a checkpoint given next to a JSON config is named in the temporary local-dir, so that open_clip's
-# _find_checkpoint_in_dir picks it (it only looks for *.safetensors, *.bin and *.pth).
-_CHECKPOINT_NAMES = {".safetensors": "open_clip_model.safetensors", ".bin": "open_clip_pytorch_model.bin",
-                     ".pth": "open_clip_pytorch_model.pth", ".pt": "open_clip_pytorch_model.pth"}
 _RANDOM_HINT = ("Pass --allow-random-init (allow_random_init=True) to use a randomly initialised teacher anyway "
                 "(tests, benchmarks: its outputs are meaningless).")
 
@@ -134,14 +132,6 @@ def _sha256(path: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 def _resolve_local_dir(path: str) -> _Source:
     d = Path(path)
     cfg_path = d / "open_clip_config.json"
@@ -224,39 +214,25 @@ def _resolve_builtin(name: str, pretrained: str | None) -> _Source:
 
 def _resolve_json(path: str, pretrained: str | None, tmp: str) -> _Source:
     """Turn a JSON config (+ optional checkpoint) into a temporary local-dir, so there is one loading path."""
-    p = Path(path)
-    if not p.is_file():
-        raise TeacherError(f"teacher config {path!r}: no such file")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TeacherError(f"teacher config {path} is not valid JSON: {e}") from e
-    nested = isinstance(data, dict) and "model_cfg" in data
-    if nested:
-        model_cfg, given = data["model_cfg"], data.get("preprocess_cfg") or {}
-    elif isinstance(data, dict) and all(k in data for k in ("embed_dim", "vision_cfg", "text_cfg")):
-        model_cfg, given = data, {}
-    else:
-        raise TeacherError(f"teacher config {path} is neither an open_clip model config (embed_dim, vision_cfg, "
-                           "text_cfg) nor the nested {model_cfg, preprocess_cfg} form")
-    if model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):
+        cfg = load_config_file(path)
+    except ConfigError as e:
+        raise TeacherError(f"teacher {e}") from e
+    if cfg["model_cfg"].get("text_cfg", {}).get("hf_tokenizer_name"):
         # open_clip would look for the tokenizer files in the (temporary) directory.
         raise TeacherError(f"teacher config {path} uses a Hugging Face tokenizer; save the teacher as a local-dir "
                            "with its tokenizer files, or use hf-hub:")
-    Path(tmp, "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": given}))
-    recorded = None
-    if pretrained is not None:
-        ck = Path(pretrained)
-        if not ck.is_file():
-            raise TeacherError(f"--pretrained {pretrained!r}: with a JSON teacher config it must be a checkpoint file")
-        if ck.suffix not in _CHECKPOINT_NAMES:
-            raise TeacherError(f"--pretrained {pretrained!r}: expected one of {sorted(_CHECKPOINT_NAMES)}")
-        Path(tmp, _CHECKPOINT_NAMES[ck.suffix]).symlink_to(ck.resolve())
-        recorded = os.path.abspath(pretrained)
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise TeacherError(f"--pretrained {pretrained!r}: with a JSON teacher config it must be a checkpoint file")
+    try:
+        write_local_dir(cfg, tmp, checkpoint=pretrained)
+    except ConfigError as e:
+        raise TeacherError(f"--pretrained {e}") from e
     src = _resolve_local_dir(tmp)
-    src.recorded_checkpoint = recorded
-    src.where = f"preprocess_cfg of {p}" if nested else f"flat model config {p} (it has no preprocess_cfg)"
-    src.no_weights_reason = f"a JSON config holds no weights and no --pretrained checkpoint was given for {p}"
+    src.recorded_checkpoint = None if pretrained is None else os.path.abspath(pretrained)
+    nested = bool(cfg["preprocess_cfg"])
+    src.where = f"preprocess_cfg of {path}" if nested else f"config {path} (it has no preprocess_cfg)"
+    src.no_weights_reason = f"a JSON config holds no weights and no --pretrained checkpoint was given for {path}"
     return src
 
 
@@ -302,7 +278,7 @@ def _check_device(device: str, precision: str) -> tuple[torch.device, str]:
 
 
 def _final_preprocess(model: torch.nn.Module, src: _Source) -> dict:
-    pp = _jsonable(dict(model.visual.preprocess_cfg))
+    pp = jsonable(dict(model.visual.preprocess_cfg))
     h, w = (pp["size"], pp["size"]) if isinstance(pp["size"], int) else pp["size"]
     pp["size"] = [int(h), int(w)]
     for k in ("mean", "std"):
@@ -350,7 +326,7 @@ def load_teacher(spec: str, *, pretrained: str | None = None, allow_random_init:
         identity = {
             "spec": spec, "pretrained": pretrained, "checkpoint": src.recorded_checkpoint, "digest": digest,
             "random_init": random_init, "init_seed": INIT_SEED if random_init else None,
-            "model_cfg": _jsonable(src.model_cfg),
+            "model_cfg": jsonable(src.model_cfg),
         }
         preprocess = _final_preprocess(model, src)
     with torch.no_grad():
