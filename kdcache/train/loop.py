@@ -109,10 +109,10 @@ def save_checkpoint(run_dir: Path, *, student: Student, optimizer, scheduler, st
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()},
               str(tmp / "student.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "train_state.pt")
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "epoch": epoch, "epoch_step": epoch_step},
-                                              indent=2))
+    tensors, state_meta = _flatten_train_state(optimizer, scheduler)
+    save_file(tensors, str(tmp / "train_state.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "epoch": epoch, "epoch_step": epoch_step,
+                                               "train_state": state_meta}, indent=2))
     final = root / name
     if final.exists():
         shutil.rmtree(final)
@@ -121,6 +121,34 @@ def save_checkpoint(run_dir: Path, *, student: Student, optimizer, scheduler, st
     for old in sorted(p for p in root.glob("step-*") if p.name != name)[:-max(keep - 1, 0) or None]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _flatten_train_state(optimizer, scheduler) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer/scheduler/RNG state as safetensors tensors + JSON (no pickles in a run directory)."""
+    opt = optimizer.state_dict()
+    tensors = {"torch_rng": torch.get_rng_state()}
+    scalars: dict[str, dict] = {}
+    for idx, st in opt["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = v
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    return tensors, {"param_groups": opt["param_groups"], "scalars": scalars, "scheduler": sched}
+
+
+def _restore_train_state(optimizer, scheduler, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, sc in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(sc)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["param_groups"])})
+    torch.set_rng_state(tensors["torch_rng"])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -316,11 +344,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     step, epoch, epoch_step = 0, 0, 0
     if ckpt is not None:
         student.load_state_dict(load_file(str(ckpt / "student.safetensors"), device=str(device)))
-        state = torch.load(ckpt / "train_state.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
         meta = json.loads((ckpt / "meta.json").read_text())
+        _restore_train_state(optimizer, scheduler, load_file(str(ckpt / "train_state.safetensors")),
+                             meta["train_state"])
         step, epoch, epoch_step = meta["step"], meta["epoch"], meta["epoch_step"]
         log.info("resuming from %s (step %d, epoch %d)", ckpt.name, step, epoch)
     elif cfg.resume:
