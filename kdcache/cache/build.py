@@ -567,7 +567,14 @@ def _capabilities(images: bool, captions: bool, logits: bool) -> list[str]:
 
 
 def _cache_exists(path: str) -> bool:
-    return Path(path).exists() and any(Path(path).iterdir()) if "://" not in path else True
+    """Whether --out already holds something (a local non-empty directory, or a zarr group at a URL)."""
+    if "://" not in path:
+        return Path(path).exists() and any(Path(path).iterdir())
+    try:
+        zarr.open_group(path, mode="r")
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False
 
 
 def _remove_cache(path: str) -> None:
