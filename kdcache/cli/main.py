@@ -194,9 +194,17 @@ def verify(cache: str, no_progress: bool) -> None:
               "each epoch end).")
 @click.option("--allow-incomplete", is_flag=True, help="Train on a cache whose build has failed or missing shards.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--online-teacher", default=None, metavar="SPEC",
+              help="Online KD baseline: run this teacher (any --teacher form) live on every batch instead of reading "
+                   "its outputs from the cache; same student, losses, views and schedule. Slow by design.")
+@click.option("--online-pretrained", default=None, metavar="TAG|PATH", help="--pretrained of --online-teacher.")
+@click.option("--online-allow-random-init", is_flag=True,
+              help="Accept an --online-teacher whose weights were not loaded (benchmarks).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(**kw) -> None:
     """Train a student image or text tower from the cache alone (the teacher is never built).
+
+    With --online-teacher the teacher runs in the loop instead (the expensive baseline the cache replaces).
 
     \b
     Example:
@@ -213,13 +221,23 @@ def train(**kw) -> None:
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--loss") from None
     kw["progress"] = not kw.pop("no_progress")
+    online = {"teacher": kw.pop("online_teacher"), "pretrained": kw.pop("online_pretrained"),
+              "allow_random_init": kw.pop("online_allow_random_init")}
+    if online["teacher"] is None and (online["pretrained"] is not None or online["allow_random_init"]):
+        raise click.UsageError("--online-pretrained and --online-allow-random-init need --online-teacher")
     cfg = TrainConfig(losses=losses, **kw)
+    errors: tuple[type[Exception], ...] = (TrainError, CacheError, DataError)
+    if online["teacher"] is not None:  # the only path that builds a teacher: imported only here
+        from kdcache.cache.teacher import TeacherError
+        from kdcache.online import run_online
+
+        errors += (TeacherError,)
     try:
-        result = run(cfg)
+        result = run(cfg) if online["teacher"] is None else run_online(cfg, **online)
     except KeyboardInterrupt:
         click.echo("interrupted: rerun with --resume to continue from the latest checkpoint", err=True)
         sys.exit(130)
-    except (TrainError, CacheError, DataError) as e:
+    except errors as e:
         raise click.ClickException(str(e)) from None
     v = result.final_val
     click.echo(f"run: {result.out}  steps: {result.steps}  " + "  ".join(
@@ -272,6 +290,17 @@ def quickstart(workdir: str, teacher: str | None, images: tuple[str, ...]) -> No
 
     sys.exit(run_quickstart(workdir, teacher=teacher, images=images))
 
+
+def _register_eval_commands() -> None:
+    # eval/compare live in their own module (it has its own click options); registered here so `kdcache --help`
+    # lists every command.
+    from kdcache.cli.eval_cmds import compare_cmd, eval_cmd
+
+    cli.add_command(eval_cmd)
+    cli.add_command(compare_cmd)
+
+
+_register_eval_commands()
 
 if __name__ == "__main__":
     cli()

@@ -1,0 +1,121 @@
+"""`kdcache eval` and `kdcache compare`: parse options into a config and call `kdcache.eval.run.run` / `compare`.
+
+Registered on the `kdcache` group in kdcache/cli/main.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+# The same settings as the `kdcache` group's (kept here so this module does not import main, which imports it).
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120, "show_default": True}
+
+
+@click.command("eval", context_settings=CONTEXT)
+@click.option("--model", "models", multiple=True, required=True, metavar="SPEC|DIR|RUN",
+              help="Model to evaluate (repeatable): an exported dir (DIR or local-dir:DIR), a training run dir (its "
+                   "image tower; class head from its cache), or any --teacher form (open_clip name with --pretrained, "
+                   "hf-hub:org/repo, local-dir:PATH, model-config JSON).")
+@click.option("--data", "data", multiple=True, required=True, metavar="PATTERN",
+              help="WebDataset shards (repeatable; brace patterns, fsspec URLs): labelled (.cls) for zeroshot, "
+                   "captioned (.txt/.json) for retrieval.")
+@click.option("--task", required=True, type=click.Choice(["zeroshot", "retrieval"]),
+              help="zeroshot: top-1/top-5, P/R/F1, confusion; retrieval: image<->text R@1/5/10.")
+@click.option("--classes", default=None, metavar="NAME|FILE",
+              help="Class vocabulary for zeroshot: cifar10, cifar100, imagenet, or a file with one class per line "
+                   "(index = .cls label).")
+@click.option("--templates", default=None, metavar="NAME|FILE",
+              help="Prompt templates for zeroshot: simple, openai, photo, or a file, one template per line. "
+                   "[default: simple]")
+@click.option("--cache", default=None, type=click.Path(exists=True),
+              help="A kdcache cache: agreement with its cached teacher outputs when no teacher is among --model and "
+                   "the eval shards are the cache's; also where a run's cache is if it moved.")
+@click.option("--pretrained", default=None, metavar="TAG|PATH",
+              help="--pretrained of the teacher-form --model (open_clip tag or checkpoint file).")
+@click.option("--allow-random-init", is_flag=True,
+              help="Accept a teacher-form model without weights (tests, the quickstart): its numbers are meaningless.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Report directory: report.json, report.md, confusion-*.csv.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Evaluate only the first N usable samples.")
+@click.option("--batch-size", default=64, type=click.IntRange(1), help="Images per forward pass.")
+@click.option("--device", default="cpu", help="cpu, cuda, cuda:1, ... (evaluation and timing).")
+@click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Autocast precision (CUDA only; CPU runs fp32).")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="torch CPU threads [default: torch's]. CPU timings depend on it; it is recorded.")
+@click.option("--latency-batch", default=32, type=click.IntRange(1), help="Batch size of the throughput measurement.")
+@click.option("--latency-repeats", default=10, type=click.IntRange(1),
+              help="Timed calls per model and batch size (the median is reported).")
+@click.option("--latency-warmup", default=2, type=click.IntRange(0), help="Untimed warm-up calls per model.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def eval_cmd(**kw) -> None:
+    """Evaluate teacher and students on the same shards: accuracy, agreement with the teacher, size and latency.
+
+    All models are timed in this one process, interleaved, so their speed ratios are honest.
+
+    \b
+    Example:
+      kdcache eval --model ViT-B-32 --pretrained openai --model exported/ --model runs/img \\
+          --data 'cifar10-test-{000..009}.tar' --task zeroshot --classes cifar10 --out reports/cifar10
+    """
+    from kdcache.eval.models import ModelError
+    from kdcache.eval.run import EvalConfig, EvalError, run
+
+    kw["progress"] = not kw.pop("no_progress")
+    cfg = EvalConfig(models=tuple(kw.pop("models")), data=tuple(kw.pop("data")), **kw)
+    try:
+        report = run(cfg)
+    except (EvalError, ModelError) as e:
+        raise click.ClickException(str(e)) from None
+    for m in report["models"]:
+        met = m["metrics"]
+        score = (f"top-1 {100 * met['top1']:.2f}%" if report["task"] == "zeroshot"
+                 else f"R@1 I→T {100 * met['i2t_r1']:.2f}% T→I {100 * met['t2i_r1']:.2f}%")
+        click.echo(f"{m['label']}{' (teacher)' if m['is_teacher'] else ''}: {score}, "
+                   f"{m['latency']['ms_per_image_b1']:.2f} ms/img")
+    out = Path(cfg.out)
+    click.echo(f"report: {out / 'report.md'}  ({out / 'report.json'})")
+
+
+@click.command("compare", context_settings=CONTEXT)
+@click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, metavar="FILE.md",
+              help="Markdown file to write (plots go next to it); '-' prints only. [default: REPORT_DIR/../compare.md "
+                   "of the first report]")
+@click.option("--remeasure", is_flag=True,
+              help="Reload every model and re-time them all side by side in this process (else ratios between "
+                   "models timed in separate evals are marked †).")
+@click.option("--device", default="cpu", help="Device for --remeasure.")
+@click.option("--run", "runs", multiple=True, type=click.Path(exists=True, file_okay=False), metavar="RUN",
+              help="Extra training run whose curves to plot (repeatable); runs evaluated directly are plotted anyway.")
+@click.option("--latency-batch", default=None, type=click.IntRange(1),
+              help="Throughput batch for --remeasure [default: the first report's].")
+@click.option("--latency-repeats", default=10, type=click.IntRange(1), help="Timed calls per model for --remeasure.")
+@click.option("--latency-warmup", default=2, type=click.IntRange(0), help="Warm-up calls per model for --remeasure.")
+def compare_cmd(reports: tuple[str, ...], out: str | None, remeasure: bool, device: str, runs: tuple[str, ...],
+                latency_batch: int | None, latency_repeats: int, latency_warmup: int) -> None:
+    """Compare eval reports: one table, teacher first, with ×smaller, ×faster, Δ top-1 and Δ macro-F1, plus plots
+    (training curves, accuracy vs latency) when matplotlib is installed.
+
+    \b
+    Example:
+      kdcache compare reports/seed001 reports/seed002 --out reports/compare.md
+    """
+    from kdcache.eval.compare import PLOT_HINT, CompareError, have_matplotlib, write_compare
+    from kdcache.eval.models import ModelError
+
+    if out is None:
+        out = str(Path(reports[0]).resolve().parent / "compare.md")
+    try:
+        text, written = write_compare(list(reports), out=None if out == "-" else out, remeasure=remeasure, runs=runs,
+                                      device=device, latency_batch=latency_batch, latency_repeats=latency_repeats,
+                                      latency_warmup=latency_warmup)
+    except (CompareError, ModelError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(text)
+    for p in written:
+        click.echo(f"wrote {p}")
+    if out != "-" and not have_matplotlib():
+        click.echo(f"no plots: matplotlib is not installed ({PLOT_HINT})")

@@ -1,0 +1,307 @@
+"""kdcache eval and compare: teacher, export and run side by side on tiny shards; reports, tables, plots, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import CLASSES, build_cache
+
+from kdcache.cli.eval_cmds import compare_cmd, eval_cmd
+from kdcache.eval import compare as compare_mod
+from kdcache.eval.compare import DAGGER, CompareError, compare
+from kdcache.eval.models import ModelError, resolve_model
+from kdcache.eval.run import EvalConfig, EvalError, run
+
+# Latency is measured but never asserted beyond "a positive number": keep it cheap.
+FAST = {"progress": False, "latency_batch": 4, "latency_repeats": 2, "latency_warmup": 1, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, teacher_spec, shards, classes_file):
+    """A cache of the fixture shards, a 5-step image run on it, and its export with the teacher's text tower."""
+    from kdcache.train.export import export
+    from kdcache.train.loop import TrainConfig
+    from kdcache.train.loop import run as train
+
+    d = tmp_path_factory.mktemp("eval")
+    cache = d / "cache.zarr"
+    assert build_cache(cache, teacher=teacher_spec, images=tuple(shards), classes=classes_file, templates="photo").ok
+    train(TrainConfig(cache=str(cache), tower="image", student="kdc-tiny-image", out=str(d / "run"), max_steps=5,
+                      batch_size=8, progress=False, threads=1))
+    export(out=str(d / "exported"), image_run=str(d / "run"), text_from_teacher=teacher_spec)
+    return {"dir": d, "cache": str(cache), "run": str(d / "run"), "exported": str(d / "exported"),
+            "teacher": teacher_spec, "shards": tuple(shards), "classes": classes_file}
+
+
+def _zeroshot(work, out, models, **kw) -> dict:
+    cfg = {"data": work["shards"], "task": "zeroshot", "classes": work["classes"], "templates": "photo", **FAST, **kw}
+    return run(EvalConfig(models=tuple(models), out=str(out), **cfg))
+
+
+@pytest.fixture(scope="module")
+def three(work):
+    """Teacher, export and run evaluated together."""
+    out = work["dir"] / "report-three"
+    return out, _zeroshot(work, out, [work["teacher"], work["exported"], work["run"]])
+
+
+def test_report_files_and_keys(three, work):
+    out, rep = three
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["task"] == "zeroshot"
+    assert {"kdcache_version", "created", "task", "config", "data", "teacher", "agreement", "timing", "notes",
+            "models", "classes", "templates"} <= set(on_disk)
+    assert on_disk["data"]["samples"] == 30 and on_disk["data"]["shards"] == 3
+    assert [m["kind"] for m in on_disk["models"]] == ["open_clip", "export", "run"]  # teacher first
+    assert [m["is_teacher"] for m in on_disk["models"]] == [True, False, False]
+    for m in on_disk["models"]:
+        assert {"top1", "top5", "macro_precision", "macro_recall", "macro_f1", "weighted_f1", "per_class",
+                "confusion"} <= set(m["metrics"])
+        assert m["metrics"]["top5"] is None  # 3 classes: top-5 would be trivially 100%
+        assert sum(m["metrics"]["per_class"]["support"]) == 30
+        assert (out / m["metrics"]["confusion_csv"]).is_file()
+        assert m["latency"]["ms_per_image_b1"] > 0 and m["latency"]["images_per_s"] > 0
+    md = (out / "report.md").read_text()
+    for section in ("## Accuracy", "## Agreement with the teacher", "## Efficiency", "## Per class",
+                    "## Confusion matrices", "| model | top-1 | top-5 | macro P | macro R | macro F1 | weighted F1 |"):
+        assert section in md
+    assert on_disk["timing"]["side_by_side"] is True
+
+
+def test_teacher_accuracy_equals_a_direct_computation(three, work):
+    """The eval pipeline keeps rows and labels together: the teacher's numbers match a hand-rolled loop."""
+    from kdcache.cache.sources import ShardReport, iter_shard, parse_sample
+    from kdcache.cache.teacher import load_teacher
+    from kdcache.cache.views import eval_transform_uint8
+
+    t = load_teacher(work["teacher"])
+    tf = eval_transform_uint8(t.preprocess)
+    pixels, labels = [], []
+    for url in work["shards"]:
+        for raw in iter_shard(url, ShardReport(url)):
+            s = parse_sample(raw, max_pixels=10**8)
+            pixels.append(tf(s.image))
+            labels.append(s.label)
+    pred = (t.encode_images(torch.stack(pixels)) @ t.zero_shot_head(CLASSES, ["a photo of a {}."]).T).argmax(1)
+    labels = torch.tensor(labels)
+    teacher = three[1]["models"][0]
+    assert teacher["metrics"]["top1"] == pytest.approx((pred == labels).float().mean().item())
+    assert teacher["metrics"]["per_class"]["support"] == torch.bincount(labels, minlength=3).tolist()
+    cm = torch.tensor(teacher["metrics"]["confusion"])
+    assert cm.sum(1).tolist() == teacher["metrics"]["per_class"]["support"]
+
+
+def test_export_and_its_run_give_the_same_predictions(three):
+    """The run (cache head) and its export (folded projection + the teacher's text tower) are one model."""
+    _, rep = three
+    exported, run_model = rep["models"][1], rep["models"][2]
+    assert exported["metrics"]["top1"] == pytest.approx(run_model["metrics"]["top1"])
+    assert exported["metrics"]["per_class"]["f1"] == pytest.approx(run_model["metrics"]["per_class"]["f1"])
+    for k in ("top1_agreement", "cosine", "kl"):
+        assert exported["agreement"][k] == pytest.approx(run_model["agreement"][k], abs=1e-4)
+    assert rep["models"][0]["agreement"] is None
+    assert 0 <= run_model["agreement"]["top1_agreement"] <= 1 and run_model["agreement"]["kl"] >= 0
+
+
+def test_efficiency_facts(three, work):
+    _, rep = three
+    teacher, exported, run_model = rep["models"]
+    assert run_model["size_mb"] == pytest.approx((Path(work["run"]) / "final/student.safetensors").stat().st_size / 1e6)
+    assert exported["size_mb"] == pytest.approx(
+        (Path(work["exported"]) / "open_clip_model.safetensors").stat().st_size / 1e6)
+    assert run_model["image_params"] == exported["image_params"] < teacher["image_params"]
+
+
+def test_agreement_from_the_cache_matches_the_teacher(three, work, tmp_path):
+    """Without a teacher model, the cached teacher outputs of the same shards give the same agreement."""
+    rep = _zeroshot(work, tmp_path / "r", [work["run"]], cache=work["cache"])
+    assert rep["agreement"]["available"] and "cache" in rep["agreement"]["reference"]
+    got, want = rep["models"][0]["agreement"], three[1]["models"][2]["agreement"]
+    assert got["cosine"] == pytest.approx(want["cosine"], abs=2e-3)  # the cache stores fp16 embeddings
+    assert got["top1_agreement"] == pytest.approx(want["top1_agreement"], abs=1 / 30 + 1e-9)
+    assert got["kl"] == pytest.approx(want["kl"], abs=5e-3)
+
+
+def test_cache_agreement_refused_for_other_shards_with_the_same_keys(work, tmp_path):
+    from kdcache.synth import write_image_shards
+
+    other = write_image_shards(tmp_path / "other", n_shards=1, per_shard=10, classes=CLASSES, seed=9)
+    rep = _zeroshot(work, tmp_path / "r", [work["run"]], cache=work["cache"], data=tuple(other))
+    assert not rep["agreement"]["available"]
+    assert "not one of cache" in rep["agreement"]["reason"]
+    assert rep["models"][0]["agreement"] is None
+    assert "Unavailable" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_retrieval_of_teacher_and_export(work, tmp_path):
+    rep = run(EvalConfig(models=(work["teacher"], f"local-dir:{work['exported']}"), data=work["shards"],
+                         task="retrieval", out=str(tmp_path / "r"), limit=20, **FAST))
+    assert rep["data"]["samples"] == 20
+    for m in rep["models"]:
+        assert {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)} <= set(m["metrics"])
+        assert m["metrics"]["i2t_r10"] >= m["metrics"]["i2t_r5"] >= m["metrics"]["i2t_r1"]
+    # The export's text tower is the teacher's: identical caption embeddings.
+    assert rep["models"][1]["agreement"]["text_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert rep["retrieval"]["unique_captions"] < 20  # the synthetic captions repeat
+    assert "I→T R@1" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_export_accepted_with_and_without_prefix(work):
+    for spec in (work["exported"], f"local-dir:{work['exported']}"):
+        m = resolve_model(spec)
+        assert m.kind == "export" and not m.is_teacher and m.can_embed_text
+    assert resolve_model(work["teacher"]).kind == "open_clip"
+
+
+def test_bad_models_fail_clearly(work, tmp_path):
+    with pytest.raises(ModelError, match="no such file or directory"):
+        resolve_model(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="neither a training run"):
+        resolve_model(str(tmp_path / "empty"))
+    with pytest.raises(ModelError, match="unknown teacher 'ViT-Q-99'"):
+        resolve_model("ViT-Q-99")
+    with pytest.raises(ModelError, match="retrieval needs a text tower"):
+        run(EvalConfig(models=(work["run"],), data=work["shards"], task="retrieval", out=str(tmp_path / "r"),
+                       **FAST))
+
+
+def test_run_classes_must_match_its_cache(work, tmp_path):
+    reordered = tmp_path / "classes.txt"
+    reordered.write_text("\n".join(reversed(CLASSES)) + "\n")
+    with pytest.raises(ModelError, match="--classes do not match the class head of the run's cache"):
+        _zeroshot(work, tmp_path / "r", [work["run"]], classes=str(reordered))
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+def test_label_outside_the_vocabulary_is_an_error(work, tmp_path):
+    two = tmp_path / "two.txt"
+    two.write_text("red\ngreen\n")
+    with pytest.raises(EvalError, match="outside the 2 classes"):
+        _zeroshot(work, tmp_path / "r", [work["teacher"]], classes=str(two))
+
+
+def test_cli_eval(work, tmp_path):
+    r = CliRunner().invoke(eval_cmd, ["--model", work["exported"], "--data", *work["shards"][:1], "--task",
+                                      "zeroshot", "--classes", work["classes"], "--templates", "photo", "--out",
+                                      str(tmp_path / "r"), "--latency-repeats", "1", "--latency-batch", "2",
+                                      "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "top-1" in r.output and "report.md" in r.output
+    r = CliRunner().invoke(eval_cmd, ["--model", work["exported"], "--data", work["shards"][0], "--task", "zeroshot",
+                                      "--out", str(tmp_path / "r2")])
+    assert r.exit_code != 0 and "needs --classes" in r.output
+    r = CliRunner().invoke(eval_cmd, ["--help"])
+    assert r.exit_code == 0 and "--latency-batch" in r.output and "default: 32" in r.output
+
+
+@pytest.fixture(scope="module")
+def export_alone(work):
+    """A second report: the export timed on its own, in another process-run than the teacher."""
+    out = work["dir"] / "report-export"
+    _zeroshot(work, out, [work["exported"]])
+    return out
+
+
+def _rows(md: str) -> list[str]:
+    return [line for line in md.splitlines() if line.startswith("| ") and not line.startswith(("| model", "| ---"))]
+
+
+def test_compare_merges_reports_teacher_first_with_ratios(three, export_alone, work, tmp_path):
+    report_three = three[0]
+    md = compare([str(export_alone), str(report_three)], out=None)
+    rows = _rows(md)
+    assert len(rows) == 3 and "(teacher)" in rows[0]  # one row per model, the teacher once and first
+    teacher, exported, run_model = three[1]["models"]
+    smaller = teacher["image_params"] / run_model["image_params"]
+    assert f"{smaller:.1f}×" in rows[2]
+    # The export shares a report with the teacher, so its home is that report: no dagger.
+    assert DAGGER not in md
+
+
+def test_compare_marks_ratios_from_separate_runs(work, export_alone, tmp_path):
+    teacher_alone = tmp_path / "teacher"
+    _zeroshot(work, teacher_alone, [work["teacher"]])
+    md = compare([str(teacher_alone), str(export_alone)])
+    rows = _rows(md)
+    assert "(teacher)" in rows[0] and DAGGER in rows[1]
+    assert "timed in separate runs" in md and "--remeasure" in md
+    md = compare([str(teacher_alone), str(export_alone)], remeasure=True, latency_repeats=1, latency_batch=2)
+    assert DAGGER not in _rows(md)[1] and "re-measured" in md
+
+
+def test_compare_writes_markdown_and_plots(three, export_alone, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cmp" / "compare.md"
+    md = compare([str(three[0]), str(export_alone)], out=str(out))
+    assert out.read_text() == md
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed
+    for png in (tmp_path / "cmp" / "compare-training.png", tmp_path / "cmp" / "compare-accuracy-latency.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG, not an empty file
+        assert f"wrote {png}" in printed and f"({png.name})" in md
+
+
+def test_compare_without_matplotlib_still_writes_tables(three, monkeypatch, tmp_path):
+    monkeypatch.setattr(compare_mod, "have_matplotlib", lambda: False)
+    out = tmp_path / "compare.md"
+    md = compare([str(three[0])], out=str(out))
+    assert out.is_file() and len(_rows(md)) == 3
+    assert "matplotlib is not installed" in md and "kdcache[plot]" in md
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_compare_cli_and_errors(three, tmp_path):
+    r = CliRunner().invoke(compare_cmd, [str(three[0]), "--out", str(tmp_path / "c.md")])
+    assert r.exit_code == 0, r.output
+    assert "(teacher)" in r.output and f"wrote {tmp_path / 'c.md'}" in r.output
+    (tmp_path / "notareport").mkdir()
+    r = CliRunner().invoke(compare_cmd, [str(tmp_path / "notareport"), "--out", "-"])
+    assert r.exit_code != 0 and "no report.json" in r.output
+
+
+def test_compare_refuses_mixed_tasks(three, work, tmp_path):
+    retrieval = tmp_path / "retr"
+    run(EvalConfig(models=(work["exported"],), data=work["shards"][:1], task="retrieval", out=str(retrieval), **FAST))
+    with pytest.raises(CompareError, match="different tasks"):
+        compare([str(three[0]), str(retrieval)])
+
+
+def test_pretrained_goes_to_the_one_model_it_applies_to(work, teacher_dir, tmp_path):
+    """A JSON config + checkpoint is the same teacher as the local-dir it came from: it is picked as the teacher."""
+    from kdcache.quickstart import tiny_teacher_path
+
+    ckpt = str(teacher_dir / "open_clip_model.safetensors")
+    rep = _zeroshot(work, tmp_path / "r", [work["exported"], tiny_teacher_path()], pretrained=ckpt,
+                    cache=work["cache"], limit=8)
+    teacher = rep["models"][0]
+    assert teacher["is_teacher"] and teacher["spec"] == tiny_teacher_path()
+    assert teacher["label"].endswith("(open_clip_model.safetensors)")
+    assert rep["notes"] and "--cache is not used for agreement" in rep["notes"][0]
+    with pytest.raises(EvalError, match="--pretrained .* applies to exactly one --model"):
+        _zeroshot(work, tmp_path / "r2", [work["exported"]], pretrained=ckpt)
+
+
+def test_random_init_teacher_needs_consent(work):
+    from kdcache.quickstart import tiny_teacher_path
+
+    with pytest.raises(ModelError, match="--allow-random-init"):
+        resolve_model(tiny_teacher_path())
+    m = resolve_model(tiny_teacher_path(), allow_random_init=True)
+    assert m.weights_files == [] and "random init" in m.size_source and m.size_mb > 0
+
+
+@pytest.mark.gpu
+def test_eval_on_cuda_matches_cpu(three, work, tmp_path):
+    """On CUDA (fp32), every model predicts what it predicts on the CPU; fp16 autocast runs and times too."""
+    rep = _zeroshot(work, tmp_path / "r", [work["teacher"], work["exported"], work["run"]], device="cuda")
+    for gpu, cpu in zip(rep["models"], three[1]["models"], strict=True):
+        assert gpu["metrics"]["confusion"] == cpu["metrics"]["confusion"]
+        assert gpu["latency"]["ms_per_image_b1"] > 0
+    assert rep["timing"]["device"].startswith("cuda")
+    half = _zeroshot(work, tmp_path / "h", [work["teacher"], work["run"]], device="cuda", precision="fp16")
+    assert half["models"][1]["agreement"]["top1_agreement"] > 0.5
