@@ -4,7 +4,8 @@
 
 It writes a few small sample shards and a caption file, builds a cache with a tiny random-init teacher (so every
 number it prints is meaningless: it shows the mechanics), runs `info` and `verify`, trains a tiny image student and a
-tiny text student from the cache alone, and exports them as one CLIP that stock open_clip loads.
+tiny text student from the cache alone, exports them as one CLIP that stock open_clip loads, evaluates teacher and
+students side by side on held-out shards (zero-shot), and compares them in one table (plus plots with matplotlib).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 
 from kdcache.cache.build import BuildConfig, print_summary, run
 from kdcache.cache.verify import format_info, info, verify
+from kdcache.eval.compare import write_compare
+from kdcache.eval.run import EvalConfig
+from kdcache.eval.run import run as evaluate
 from kdcache.synth import write_captions, write_image_shards
 from kdcache.train.export import export
 from kdcache.train.loop import TrainConfig
@@ -35,13 +39,16 @@ def run_quickstart(workdir: str, *, teacher: str | None = None, images: tuple[st
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
     random_teacher = teacher is None
+    test_images: tuple[str, ...] = ()
     if not images:
         images = tuple(write_image_shards(data, n_shards=4, per_shard=64, classes=QUICKSTART_CLASSES, seed=0))
+        test_images = tuple(write_image_shards(data / "test", n_shards=1, per_shard=96, classes=QUICKSTART_CLASSES,
+                                               seed=1, prefix="test"))
     captions = write_captions(data / "captions.jsonl", "jsonl", n=300, seed=0)
     classes_file = data / "classes.txt"
     classes_file.write_text("\n".join(QUICKSTART_CLASSES) + "\n")
     cache = work / "cache.zarr"
-    print(f"[1/5] build: {len(images)} shards + a caption corpus -> {cache}")
+    print(f"[1/7] build: {len(images)} shards + a caption corpus -> {cache}")
     if random_teacher:
         print("      teacher: the embedded tiny random-init ViT; its outputs (and every number below) are meaningless.")
     cfg = BuildConfig(
@@ -51,9 +58,9 @@ def run_quickstart(workdir: str, *, teacher: str | None = None, images: tuple[st
     )
     result = run(cfg)
     print_summary(result)
-    print("[2/5] info")
+    print("[2/7] info")
     print(format_info(info(str(cache))))
-    print("[3/5] verify")
+    print("[3/7] verify")
     rep = verify(str(cache), progress=False)
     for p in rep.problems:
         print(f"PROBLEM {p}")
@@ -61,7 +68,7 @@ def run_quickstart(workdir: str, *, teacher: str | None = None, images: tuple[st
     if not (result.ok and rep.ok):
         return 1
     runs = work / "runs"
-    print("[4/5] train: an image student and a text student, from the cache alone (the teacher is not loaded)")
+    print("[4/7] train: an image student and a text student, from the cache alone (the teacher is not loaded)")
     for tower, student, losses in (("image", "kdc-tiny-image", (("cosine", 1.0), ("kl", 0.5), ("ce", 0.1))),
                                    ("text", "kdc-tiny-text", (("cosine", 1.0), ("icl", 0.2)))):
         res = train(TrainConfig(cache=str(cache), tower=tower, student=student, out=str(runs / tower), losses=losses,
@@ -69,13 +76,27 @@ def run_quickstart(workdir: str, *, teacher: str | None = None, images: tuple[st
         print(f"      {tower}: {res.steps} steps, " + ", ".join(
             f"{k} {v:.3f}" for k, v in res.final_val.items() if k in ("val_cosine", "val_top1_agreement")))
     exported = work / "exported"
-    print(f"[5/5] export -> {exported}")
+    print(f"[5/7] export -> {exported}")
     export(out=str(exported), image_run=str(runs / "image"), text_run=str(runs / "text"))
+    reports = work / "reports"
+    models = (cfg.teacher, str(exported), str(runs / "image"))
+    print(f"[6/7] eval: {', '.join(models)} on {'held-out shards' if test_images else 'the given shards'} (zero-shot)")
+    evaluate(EvalConfig(models=models, data=test_images or images, task="zeroshot", out=str(reports / "zeroshot"),
+                        classes=str(classes_file), templates="photo", cache=str(cache),
+                        allow_random_init=random_teacher, limit=None if test_images else 256, progress=False))
+    print(f"[7/7] compare -> {work / 'compare.md'}")
+    table, written = write_compare([str(reports / "zeroshot")], out=str(work / "compare.md"),
+                                   runs=(str(runs / "image"), str(runs / "text")))
+    print(table)
     print(f"\nquickstart finished in {time.time() - t0:.0f} s. Everything is under {work}/:")
     print(f"  sample shards and captions  {data}/")
     print(f"  teacher cache               {cache}  (inspect: kdcache info {cache})")
     print(f"  training runs               {runs}/image, {runs}/text  (metrics.csv, checkpoints, config.json)")
     print(f"  exported CLIP               {exported}  (open_clip.create_model_and_transforms('local-dir:{exported}'))")
+    print(f"  eval report                 {reports / 'zeroshot'}/report.md")
+    print("  comparison and plots        " + ", ".join(str(p) for p in written))
+    if not any(str(p).endswith(".png") for p in written):
+        print("  (no plots: pip install 'kdcache[plot]' for training-curve and accuracy-vs-latency PNGs)")
     if random_teacher:
         print("The teacher was random, so only the mechanics, not the numbers, mean anything. Point --teacher at a "
               "real model to see real ones.")
