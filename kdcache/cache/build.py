@@ -321,14 +321,15 @@ class _Builder:
         data["view_box"][:] = meta.view_box
         data["view_flip"][:] = meta.view_flip
         for pos, view, emb, idx, val, lse in outputs.get("parts", []):
-            data["emb"][pos, view] = emb.numpy()
+            data["emb"][pos, view] = schema.encode_embeddings(emb.numpy(), self.cfg.embed_dtype)
             if idx is not None:
                 data["topk_idx"][pos, view] = idx.numpy()
                 data["topk_val"][pos, view] = val.numpy()
                 data["lse"][pos, view] = lse.numpy()
         cap_rows = [i for i, c in enumerate(meta.captions) if c and meta.valid[i]]
         if cap_rows:
-            data["caption_emb"][cap_rows] = self.encode_texts([meta.captions[i] for i in cap_rows]).numpy()
+            cap_emb = self.encode_texts([meta.captions[i] for i in cap_rows]).numpy()
+            data["caption_emb"][cap_rows] = schema.encode_embeddings(cap_emb, self.cfg.embed_dtype)
         rejected = Counter(r.reason for r in meta.rejects)
         failed = meta.report.truncated or meta.report.error is not None
         status = {
@@ -387,7 +388,7 @@ class _Builder:
             else:
                 rejects.append(item)
         if texts:
-            data["emb"][rows] = self.encode_texts(texts).numpy()
+            data["emb"][rows] = schema.encode_embeddings(self.encode_texts(texts).numpy(), self.cfg.embed_dtype)
         rejected = Counter(r.reason for r in rejects)
         status = {"unit": unit.name, "kind": CAPTIONS, "source": unit.source, "state": schema.STATUS_DONE,
                   "rows": n, "valid": len(rows), "rejected": dict(rejected), "rejects": [asdict(r) for r in rejects],
@@ -545,7 +546,7 @@ class _Builder:
                     schema.write_vocab(root, classes=classes, templates=templates, head=self.head.numpy(),
                                        attributes={"classes_source": classes_src, "templates_source": templates_src})
             attrs["capabilities"] = _capabilities(bool(attrs["inputs"]["images"]), bool(attrs["inputs"]["captions"]),
-                                                  self.head is not None)
+                                                  self.head is not None) + schema.embed_capabilities(cfg.embed_dtype)
             root.attrs[schema.ROOT_ATTR] = attrs
         dist.barrier()
         if dist.rank != 0:

@@ -2,7 +2,7 @@
 
     cache = open_cache("cache.zarr", need=["logits"])
     for unit in cache.units("images"):
-        rows = cache.read(unit, ["emb", "valid"])
+        rows = cache.read(unit, ["emb", "valid"])   # embeddings as float (int8 caches are decoded)
 
 Readers never import the teacher; everything they need (preprocessing, head, logit scale) is in the cache.
 """
@@ -95,11 +95,22 @@ class Cache:
         g = self.root[schema.VOCAB]
         return g["classes"][...].tolist(), g["templates"][...].tolist(), g["head"][...]
 
-    def read(self, unit: Unit, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Whole arrays of one unit (each read in whole chunks)."""
+    @property
+    def int8_embeddings(self) -> bool:
+        return schema.CAP_INT8 in self.capabilities
+
+    def read(self, unit: Unit, names: Sequence[str] | None = None, *, raw: bool = False) -> dict[str, np.ndarray]:
+        """Whole arrays of one unit (each read in whole chunks). Embeddings of an int8 cache come back decoded to
+        float32 (unit-norm, NaN where unwritten), the same contract as fp16/fp32 caches; `raw=True` returns the
+        stored values (int8 codes) for byte-level tools."""
         g = self.root[unit.data_path]
         names = list(names) if names is not None else [n for n, _ in g.arrays()]
-        return {n: g[n][...] for n in names}
+        out = {n: g[n][...] for n in names}
+        if self.int8_embeddings and not raw:
+            for n in schema.EMBEDDING_ARRAYS:
+                if n in out:
+                    out[n] = schema.decode_embeddings(out[n])
+        return out
 
     def fingerprint(self) -> str:
         return fingerprint(self.attrs)

@@ -14,6 +14,14 @@ address is (unit, position) — a function of the input alone, never of arrival 
 
 Versioning: readers must match SCHEMA_MAJOR. Optional arrays are announced in the root's "capabilities" list and
 bump SCHEMA_MINOR when new ones are added; readers check capabilities, not the minor version.
+1.0: the first layout. 1.1: `int8_embeddings` (embeddings stored as int8; see encode_embeddings).
+
+Embeddings (EMBEDDING_ARRAYS) are stored as fp16 (default), fp32, or int8. int8 is quantised per vector:
+q = round(x / max|x| * 127), so each vector's largest component is exactly ±127. No scale is stored: every stored
+embedding is L2-normalised, so the scale is implied by the vector itself and decoding is q / ||q|| (the direction
+is that of x·127/max|x|, the norm exactly 1). An unwritten row holds INT8_UNWRITTEN (-128, outside the quantiser's
+range) and decodes to NaN, so "NaN means unwritten" holds after decoding. Read embeddings through
+decode_embeddings (the reader does so unless asked for raw values).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+SCHEMA_MINOR = 1
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 ROOT_ATTR = "kdcache"
@@ -42,7 +50,8 @@ CAP_CAPTIONS = "captions"        # captions/ units (caption corpora)
 CAP_LOGITS = "logits"            # vocab/ head + per-view topk/lse
 CAP_LABELS = "labels"            # at least one image row has a label
 CAP_PAIRED = "paired_captions"   # at least one image row has a caption and its teacher text embedding
-KNOWN_CAPABILITIES = (CAP_IMAGES, CAP_CAPTIONS, CAP_LOGITS, CAP_LABELS, CAP_PAIRED)
+CAP_INT8 = "int8_embeddings"     # 1.1: EMBEDDING_ARRAYS hold int8 codes; read them through decode_embeddings
+KNOWN_CAPABILITIES = (CAP_IMAGES, CAP_CAPTIONS, CAP_LOGITS, CAP_LABELS, CAP_PAIRED, CAP_INT8)
 
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
@@ -54,8 +63,10 @@ CACHE_INCOMPLETE = "incomplete"
 BLOCK_RECORDS = 8192
 # Target compressed-chunk size for the big arrays; small per-row arrays get one chunk per unit.
 CHUNK_BYTES = 1 << 20
-EMBED_DTYPES = {"fp16": "float16", "fp32": "float32"}
+EMBED_DTYPES = {"fp16": "float16", "fp32": "float32", "int8": "int8"}
 NAN = float("nan")
+INT8_MAX = 127          # int8 codes are in [-127, 127], symmetric, so -x is representable whenever x is
+INT8_UNWRITTEN = -128   # the one code the quantiser never writes: the row is unwritten (decodes to NaN)
 
 VOCAB = "vocab"
 IMAGES = "images"
@@ -114,19 +125,26 @@ class ArraySpec:
     small: bool  # small per-row arrays get one chunk for the whole unit
 
 
+def _embedding_spec(name: str, inner: tuple[int, ...], embed_dtype: str) -> ArraySpec:
+    """An embedding array in the storage dtype; the fill value marks unwritten rows (NaN, or INT8_UNWRITTEN)."""
+    if embed_dtype not in EMBED_DTYPES:
+        raise ValueError(f"unknown embed dtype {embed_dtype!r}; valid: {', '.join(EMBED_DTYPES)}")
+    dtype = EMBED_DTYPES[embed_dtype]
+    return ArraySpec(name, dtype, inner, INT8_UNWRITTEN if dtype == "int8" else NAN, False)
+
+
 def image_arrays(*, views: int, dim: int, topk: int, embed_dtype: str) -> dict[str, ArraySpec]:
     """Arrays of an image shard unit. Rows are sample positions in the shard; rejected rows have valid=False."""
-    edt = EMBED_DTYPES[embed_dtype]
     specs = [
         ArraySpec("key", str, (), "", True),
         ArraySpec("valid", "bool", (), False, True),
         ArraySpec("label", "int32", (), -1, True),
         ArraySpec("caption", str, (), "", True),
-        ArraySpec("caption_emb", edt, (dim,), NAN, False),
+        _embedding_spec("caption_emb", (dim,), embed_dtype),
         ArraySpec("src_size", "int32", (2,), 0, True),            # (width, height) of the decoded source image
         ArraySpec("view_box", "int32", (views, 4), 0, True),      # (left, top, width, height) in source pixels
         ArraySpec("view_flip", "bool", (views,), False, True),
-        ArraySpec("emb", edt, (views, dim), NAN, False),          # L2-normalised teacher image embedding per view
+        _embedding_spec("emb", (views, dim), embed_dtype),         # L2-normalised teacher image embedding per view
     ]
     if topk:
         specs += [
@@ -139,19 +157,50 @@ def image_arrays(*, views: int, dim: int, topk: int, embed_dtype: str) -> dict[s
 
 def caption_arrays(*, dim: int, embed_dtype: str) -> dict[str, ArraySpec]:
     """Arrays of a caption block unit. Row r = record start + r; rejected rows have valid=False."""
-    edt = EMBED_DTYPES[embed_dtype]
     specs = [
         ArraySpec("index", "int64", (), -1, True),   # record index in the corpus (line index or annotation index)
         ArraySpec("valid", "bool", (), False, True),
         ArraySpec("text", str, (), "", True),
         ArraySpec("ref", str, (), "", True),         # COCO image_id, CC url, or ""
-        ArraySpec("emb", edt, (dim,), NAN, False),
+        _embedding_spec("emb", (dim,), embed_dtype),
     ]
     return {s.name: s for s in specs}
 
 
-# Arrays whose rows must be finite and unit-norm where valid (and NaN where not written).
+# Arrays whose rows, as decode_embeddings returns them, must be finite and unit-norm where valid (NaN where not
+# written). Their stored dtype is the build's --embed-dtype.
 EMBEDDING_ARRAYS = ("emb", "caption_emb")
+
+
+def embed_capabilities(embed_dtype: str) -> list[str]:
+    """Capabilities a cache has because of how its embeddings are stored."""
+    return [CAP_INT8] if EMBED_DTYPES[embed_dtype] == "int8" else []
+
+
+def encode_embeddings(x: np.ndarray, embed_dtype: str) -> np.ndarray:
+    """L2-normalised float embeddings [..., D] -> their stored form: a cast for fp16/fp32; for int8 the per-vector
+    quantisation q = round(x / max|x| * 127). A vector that is not finite (or is zero) is stored as unwritten, so it
+    reads back as NaN and `verify` reports it rather than it passing as a plausible vector."""
+    dtype = EMBED_DTYPES[embed_dtype]
+    x = np.asarray(x, dtype=np.float32)
+    if dtype != "int8":
+        return x.astype(dtype)
+    scale = np.abs(x).max(axis=-1, keepdims=True)
+    ok = np.isfinite(x).all(axis=-1, keepdims=True) & (scale > 0)
+    with np.errstate(invalid="ignore"):
+        q = np.clip(np.rint(x / np.where(ok, scale, 1) * INT8_MAX), -INT8_MAX, INT8_MAX)
+    return np.where(ok, q, INT8_UNWRITTEN).astype(np.int8)
+
+
+def decode_embeddings(values: np.ndarray) -> np.ndarray:
+    """Stored embeddings [..., D] -> float32. int8 codes are renormalised to unit length (the per-vector scale is
+    implied by the unit norm); a row holding INT8_UNWRITTEN anywhere (unwritten, or corrupt) decodes to NaN."""
+    if values.dtype != np.int8:
+        return values.astype(np.float32)
+    q = values.astype(np.float32)
+    norm = np.sqrt(np.square(q).sum(axis=-1, keepdims=True))
+    unwritten = (values == INT8_UNWRITTEN).any(axis=-1, keepdims=True) | (norm == 0)
+    return np.where(unwritten, np.float32(NAN), q / np.where(unwritten, 1, norm)).astype(np.float32)
 
 
 def chunk_rows(spec: ArraySpec, rows: int) -> int:

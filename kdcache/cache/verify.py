@@ -2,7 +2,8 @@
 
 verify: every expected chunk is present (zarr reads a deleted chunk back as fill values, silently), every chunk
 decodes (zstd checksums catch flipped bytes), row counts match each unit's status, embeddings of valid rows are finite
-and unit-norm, rows that are not valid are unwritten (NaN).
+and unit-norm, rows that are not valid are unwritten (NaN). int8 caches are checked after decoding, plus the codes
+themselves: every valid vector has the quantiser's max |code| of 127, and unwritten rows are wholly INT8_UNWRITTEN.
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from kdcache.cache import schema
 from kdcache.cache.reader import Cache, open_cache
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
 
-NORM_TOL = {"float16": 2e-3, "float32": 1e-4}
+# Tolerated |norm - 1| of a valid embedding, by stored dtype. fp16: each component rounds with relative error
+# <= 2^-11, so the norm is off by <= ~5e-4 (2e-3 leaves headroom); fp32: summation error only. int8: decoding
+# renormalises (q / ||q||), so the decoded norm is 1 up to float32 rounding and gets fp32's tolerance. What int8 loses
+# is direction, not length: with s = max|x|, each component's error before renormalisation is <= s/254 (half a step
+# of s/127), so the error vector is <= sqrt(D)*s/254 and the cosine to the teacher's vector is
+# >= sqrt(1 - D*s^2/254^2): >= 0.9999 for a typical s ~ 3.5/sqrt(D), >= 0.996 even for s = 1 at D = 512. (Had the
+# scale been stored, the decoded norm would be off by up to that same sqrt(D)*s/254, ~0.014 for typical s, and would
+# need that as its tolerance.) verify has no reference to measure direction against, so for int8 it checks the
+# quantiser's invariant instead: the largest |code| of every valid vector is exactly 127.
+NORM_TOL = {"float16": 2e-3, "float32": 1e-4, "int8": 1e-4}
 
 
 @dataclass
@@ -127,14 +137,39 @@ def _check_unit(cache: Cache, unit: Unit, st: dict, keys: set[str], rep: VerifyR
     if int(valid.sum()) != st["valid"]:
         rep.problems.append(f"{where}: {int(valid.sum())} valid rows, status says {st['valid']}")
     if "emb" in data:
-        _check_embeddings(data["emb"], valid, f"{where}: array {unit.data_path}/emb", rep)
+        _check_stored_embeddings(data["emb"], valid, f"{where}: array {unit.data_path}/emb", rep)
     if unit.kind == IMAGES and "caption_emb" in data and "caption" in data:
         has_cap = valid & (data["caption"] != "")
-        _check_embeddings(data["caption_emb"], has_cap, f"{where}: array {unit.data_path}/caption_emb", rep)
+        _check_stored_embeddings(data["caption_emb"], has_cap, f"{where}: array {unit.data_path}/caption_emb", rep)
 
 
-def _check_embeddings(emb: np.ndarray, expect: np.ndarray, where: str, rep: VerifyReport) -> None:
-    """Rows in `expect` must be finite and unit-norm; others must be unwritten (NaN)."""
+def _check_stored_embeddings(stored: np.ndarray, expect: np.ndarray, where: str, rep: VerifyReport) -> None:
+    """Check embeddings as readers see them (decoded), and int8 codes as stored."""
+    if stored.dtype == np.int8:
+        _check_int8_codes(stored, expect, where, rep)
+    _check_embeddings(schema.decode_embeddings(stored), expect, where, rep, tol=NORM_TOL[str(stored.dtype)])
+
+
+def _check_int8_codes(codes: np.ndarray, expect: np.ndarray, where: str, rep: VerifyReport) -> None:
+    """What decoding hides: a rejected row partly overwritten (it decodes to NaN like an unwritten one), and a valid
+    vector whose largest |code| is not 127 (the quantiser always maps max|x| to 127, so anything else is corrupt)."""
+    if codes.size == 0:
+        return
+    flat = codes.reshape(codes.shape[0], -1, codes.shape[-1])
+    sentinel = flat == schema.INT8_UNWRITTEN
+    partly = np.flatnonzero(~expect & sentinel.any(axis=(1, 2)) & ~sentinel.all(axis=(1, 2)))
+    if partly.size:
+        rep.problems.append(f"{where}: rows {partly[:10].tolist()} are rejected/empty but partly hold values")
+    amax = np.abs(flat.astype(np.int16)).max(axis=-1)
+    off = np.flatnonzero(expect & ~sentinel.any(axis=(1, 2)) & (amax != schema.INT8_MAX).any(axis=1))
+    if off.size:
+        rep.problems.append(f"{where}: rows {off[:10].tolist()} are not int8-quantised vectors "
+                            f"(largest |code| is not {schema.INT8_MAX}: corrupt)")
+
+
+def _check_embeddings(emb: np.ndarray, expect: np.ndarray, where: str, rep: VerifyReport, *,
+                      tol: float | None = None) -> None:
+    """Rows in `expect` must be finite and unit-norm (within `tol`); others must be unwritten (NaN)."""
     if emb.size == 0:
         return
     flat = emb.reshape(emb.shape[0], -1, emb.shape[-1]).astype(np.float32)
@@ -146,7 +181,7 @@ def _check_embeddings(emb: np.ndarray, expect: np.ndarray, where: str, rep: Veri
     bad_pad = np.flatnonzero(~expect & ~nan)
     if bad_pad.size:
         rep.problems.append(f"{where}: rows {bad_pad[:10].tolist()} are rejected/empty but hold values")
-    tol = NORM_TOL.get(str(emb.dtype), 1e-4)
+    tol = NORM_TOL.get(str(emb.dtype), 1e-4) if tol is None else tol
     ok = expect & finite
     if ok.any():
         norms = np.linalg.norm(flat[ok], axis=-1)
@@ -239,7 +274,8 @@ def format_info(d: dict) -> str:
         f"            digest {t['digest']}",
         f"preprocess  size={d['preprocess'].get('size')} mean={d['preprocess'].get('mean')} "
         f"std={d['preprocess'].get('std')} {d['preprocess'].get('interpolation')}/{d['preprocess'].get('resize_mode')}",
-        f"embed dim   {d['embed_dim']}   logit scale {d['logit_scale']:.3f}   views per image {d['views']}",
+        f"embed dim   {d['embed_dim']} stored as {(d['build'] or {}).get('embed_dtype')}   logit scale "
+        f"{d['logit_scale']:.3f}   views per image {d['views']}",
     ]
     if d["classes"]:
         c = d["classes"]
