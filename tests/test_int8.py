@@ -230,3 +230,19 @@ def test_cli_builds_int8(tmp_path, teacher_spec, shards):
     assert schema.CAP_INT8 in open_cache(str(out)).capabilities
     r = CliRunner().invoke(cli, ["info", str(out)])
     assert r.exit_code == 0 and "stored as int8" in r.output and "int8_embeddings" in r.output
+
+
+def test_readers_refuse_a_required_capability_they_do_not_know(tmp_path, teacher_spec, shards):
+    import zarr
+
+    from kdcache.cache.reader import CacheError, open_cache
+
+    out = tmp_path / "req.zarr"
+    assert build_cache(out, teacher=teacher_spec, images=tuple(shards[:1]), embed_dtype="int8").ok
+    assert open_cache(str(out)).attrs["required_capabilities"] == ["int8_embeddings"]
+    root = zarr.open_group(str(out), mode="r+")
+    attrs = dict(root.attrs)["kdcache"]
+    attrs["required_capabilities"] = ["int8_embeddings", "int4_embeddings_from_the_future"]
+    root.attrs["kdcache"] = attrs
+    with pytest.raises(CacheError, match="int4_embeddings_from_the_future"):
+        open_cache(str(out))

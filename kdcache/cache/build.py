@@ -547,6 +547,7 @@ class _Builder:
                                        attributes={"classes_source": classes_src, "templates_source": templates_src})
             attrs["capabilities"] = _capabilities(bool(attrs["inputs"]["images"]), bool(attrs["inputs"]["captions"]),
                                                   self.head is not None) + schema.embed_capabilities(cfg.embed_dtype)
+            attrs["required_capabilities"] = [c for c in attrs["capabilities"] if c in schema.MUST_UNDERSTAND]
             root.attrs[schema.ROOT_ATTR] = attrs
         dist.barrier()
         if dist.rank != 0:

@@ -129,6 +129,10 @@ def open_cache(path: str, *, allow_incomplete: bool = False, need: Sequence[str]
     if version.split(".")[0] != str(schema.SCHEMA_MAJOR):
         raise CacheError(f"{path}: schema_version {version} is not readable by this kdcache "
                          f"(reads major version {schema.SCHEMA_MAJOR})")
+    unknown = [c for c in attrs.get("required_capabilities", []) if c not in schema.KNOWN_CAPABILITIES]
+    if unknown:
+        raise CacheError(f"{path}: the cache requires capabilities {unknown} that this kdcache does not understand "
+                         "(it was written by a newer kdcache); upgrade kdcache to read it")
     cache = Cache(path, root, attrs)
     if not cache.complete and not allow_incomplete:
         s = attrs.get("summary", {})

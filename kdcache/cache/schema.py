@@ -39,7 +39,7 @@ SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 ROOT_ATTR = "kdcache"
 # Keys of the root attribute dict. "run" (host, timings) is the only one that may differ between identical caches.
-ROOT_KEYS = ("schema_version", "capabilities", "status", "teacher", "preprocess", "embed_dim", "logit_scale",
+ROOT_KEYS = ("schema_version", "capabilities", "required_capabilities", "status", "teacher", "preprocess", "embed_dim", "logit_scale",
              "build", "inputs", "versions", "summary", "run")
 NONDETERMINISTIC_KEYS = ("run",)
 STATUS_NONDETERMINISTIC_KEYS = ("timing",)
@@ -52,6 +52,10 @@ CAP_LABELS = "labels"            # at least one image row has a label
 CAP_PAIRED = "paired_captions"   # at least one image row has a caption and its teacher text embedding
 CAP_INT8 = "int8_embeddings"     # 1.1: EMBEDDING_ARRAYS hold int8 codes; read them through decode_embeddings
 KNOWN_CAPABILITIES = (CAP_IMAGES, CAP_CAPTIONS, CAP_LOGITS, CAP_LABELS, CAP_PAIRED, CAP_INT8)
+# Capabilities that change how existing arrays must be read: a cache lists the ones it uses in the root's
+# "required_capabilities", and a reader refuses a cache that requires one it does not know (instead of, say, reading
+# int8 codes as numbers). Purely additive capabilities (new optional arrays) are never required.
+MUST_UNDERSTAND = (CAP_INT8,)
 
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
