@@ -39,8 +39,8 @@ SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 ROOT_ATTR = "kdcache"
 # Keys of the root attribute dict. "run" (host, timings) is the only one that may differ between identical caches.
-ROOT_KEYS = ("schema_version", "capabilities", "required_capabilities", "status", "teacher", "preprocess", "embed_dim", "logit_scale",
-             "build", "inputs", "versions", "summary", "run")
+ROOT_KEYS = ("schema_version", "capabilities", "required_capabilities", "status", "teacher", "preprocess", "embed_dim",
+             "logit_scale", "build", "inputs", "versions", "summary", "run")
 NONDETERMINISTIC_KEYS = ("run",)
 STATUS_NONDETERMINISTIC_KEYS = ("timing",)
 
