@@ -14,6 +14,7 @@ Never imports the teacher (kdcache.cache.teacher): the trainer builds students o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -250,6 +251,25 @@ def _check_quick_gelu(name: str, pretrained: str | None) -> None:
                            f"{name}-quickgelu or a config with the right quick_gelu")
 
 
+class _RandomInitFilter(logging.Filter):
+    """Drops open_clip's "no weights, initialized randomly" warnings (root logger): a student is random by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("no CLIP weights found" in msg or "initialized randomly" in msg)
+
+
+@contextlib.contextmanager
+def _quiet_random_init(active: bool):
+    f = _RandomInitFilter()
+    if active:
+        logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
+
+
 def build_student(spec: str, *, tower: str, teacher_dim: int, pretrained: str | None = None,
                   seed: int = 0) -> Student:
     """Build a student (see the module docstring for `spec`). Random init is seeded in a forked RNG, so two runs with
@@ -266,7 +286,7 @@ def build_student(spec: str, *, tower: str, teacher_dim: int, pretrained: str | 
     else:
         raise _unknown(spec)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_random_init(pretrained is None):
             torch.manual_seed(seed)
             if config_path is not None:
                 cfg = load_config_file(config_path)
