@@ -175,10 +175,16 @@ class TrainStream(torch.utils.data.IterableDataset):
     Text tower batches: tokens int64 [B,ctx], teacher float32 [B,D] (caption embedding), other float32 [B,D] (the
     paired image's view-0 embedding, NaN for corpus rows), has_other, labels, and shard/corpus/position int64 [B]
     (shard -1 for corpus rows, corpus -1 for paired captions).
+
+    Extra outputs for online distillation (kdcache/online), off by default: with `teacher_preprocess`, image batches
+    also carry teacher_pixels uint8 [B,3,Ht,Wt], the same view rendered at the teacher's size and interpolation (view
+    0: the teacher's eval transform; the picture is decoded once for both); with `return_texts`, batches carry texts
+    list[str] (image tower: the paired caption, "" when none; text tower: the caption).
     """
 
     def __init__(self, spec: DataSpec, *, split: str, epoch: int, start_step: int = 0,
-                 student_preprocess: dict | None = None, tokenizer: Callable | None = None):
+                 student_preprocess: dict | None = None, tokenizer: Callable | None = None,
+                 teacher_preprocess: dict | None = None, return_texts: bool = False):
         super().__init__()
         if split not in SPLITS:
             raise DataError(f"split must be one of {SPLITS}, got {split!r}")
@@ -186,8 +192,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             raise DataError(f"epoch and start_step must be non-negative, got {epoch} and {start_step}")
         self.spec, self.split, self.epoch, self.start_step = spec, split, epoch, start_step
         self.tokenizer = tokenizer
+        self.return_texts = return_texts
         self._len: int | None = None
-        self._eval_tf: Callable | None = None  # built on first use, in the process that uses it
+        self._eval_tf: dict[str, Callable] = {}  # built on first use, in the process that uses it
         # Checked here, in the main process, so a bad spec fails before any worker starts. The zarr group itself is
         # not kept: each worker opens its own in __iter__ (open zarr handles are not meant to be pickled).
         cache = _open(spec)
@@ -196,6 +203,9 @@ class TrainStream(torch.utils.data.IterableDataset):
                       "background": tuple(int(c) for c in cache.attrs["build"]["background"])}
         self.urls: list[str] = []
         self.student_preprocess: dict | None = None
+        self.teacher_preprocess = None if teacher_preprocess is None else dict(teacher_preprocess)
+        if self.teacher_preprocess is not None and "size" not in self.teacher_preprocess:
+            raise DataError(f"teacher_preprocess needs a 'size', got {self.teacher_preprocess}")
         if spec.tower == "image":
             self.urls = _shard_urls(cache, spec.images)
             if student_preprocess is None:
@@ -205,6 +215,8 @@ class TrainStream(torch.utils.data.IterableDataset):
             self.student_preprocess = dict(student_preprocess)
             if "size" not in self.student_preprocess:
                 raise DataError(f"student_preprocess needs a 'size', got {self.student_preprocess}")
+        elif teacher_preprocess is not None:
+            raise DataError("teacher_preprocess renders teacher views of images; the text tower has none")
         elif tokenizer is None:
             raise DataError("the text tower needs the student's tokenizer (tokenizer=open_clip.get_tokenizer(...))")
 
@@ -297,7 +309,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield RawRow(shard=unit.index, corpus=-1, position=p, key=cached, teacher=_f32(a["emb"][p, v]),
                          other=_f32(a["caption_emb"][p]), has_other=has_other, label=int(a["label"][p]), view=v,
                          box=tuple(int(x) for x in a["view_box"][p, v]), flip=bool(a["view_flip"][p, v]),
-                         members=raw.members)
+                         members=raw.members, text=str(a["caption"][p]) if self.return_texts else "")
         if seen < rows:
             detail = f" ({report.error})" if report.error else ""
             hint = "; if the shards moved, give their new locations (--images)" if seen == 0 else ""
@@ -334,13 +346,17 @@ class TrainStream(torch.utils.data.IterableDataset):
     def replay(self, row: RawRow) -> torch.Tensor:
         """The cached view of the row at the student's size: view 0 is the student's own eval transform (as view 0
         is the teacher's), view v >= 1 the recorded crop box and flip resized with the student's interpolation."""
-        img = self.decode_image(row)
+        return self._render(self.decode_image(row), row, "student")
+
+    def _render(self, img, row: RawRow, who: str) -> torch.Tensor:
+        """The row's view of a decoded picture at `who`'s ("student" | "teacher") size and interpolation."""
+        preprocess = self.student_preprocess if who == "student" else self.teacher_preprocess
         if row.view == 0:
-            if self._eval_tf is None:
-                self._eval_tf = eval_transform_uint8(self.student_preprocess)
-            return self._eval_tf(img)
-        interp = self.student_preprocess.get("interpolation") or PreprocessCfg.interpolation
-        return render_view(img, row.box, row.flip, size=_size_hw(self.student_preprocess), interpolation=interp)
+            if who not in self._eval_tf:
+                self._eval_tf[who] = eval_transform_uint8(preprocess)
+            return self._eval_tf[who](img)
+        interp = preprocess.get("interpolation") or PreprocessCfg.interpolation
+        return render_view(img, row.box, row.flip, size=_size_hw(preprocess), interpolation=interp)
 
     def _common(self, rows: list[RawRow]) -> dict[str, torch.Tensor]:
         return {
@@ -352,14 +368,28 @@ class TrainStream(torch.utils.data.IterableDataset):
             "position": torch.tensor([r.position for r in rows], dtype=torch.int64),
         }
 
-    def _image_batch(self, rows: list[RawRow]) -> dict[str, torch.Tensor]:
-        return {"pixels": torch.stack([self.replay(r) for r in rows]), **self._common(rows),
-                "view": torch.tensor([r.view for r in rows], dtype=torch.int64)}
+    def _image_batch(self, rows: list[RawRow]) -> dict:
+        if self.teacher_preprocess is None:
+            pixels = torch.stack([self.replay(r) for r in rows])
+            extra = {}
+        else:  # decode once, render the same view for both models
+            views = []
+            for r in rows:
+                img = self.decode_image(r)
+                views.append((self._render(img, r, "student"), self._render(img, r, "teacher")))
+            pixels = torch.stack([s for s, _ in views])
+            extra = {"teacher_pixels": torch.stack([t for _, t in views])}
+        if self.return_texts:
+            extra["texts"] = [r.text for r in rows]
+        return {"pixels": pixels, **self._common(rows), "view": torch.tensor([r.view for r in rows], dtype=torch.int64),
+                **extra}
 
-    def _text_batch(self, rows: list[RawRow]) -> dict[str, torch.Tensor]:
-        tokens = self.tokenizer([r.text for r in rows])
+    def _text_batch(self, rows: list[RawRow]) -> dict:
+        texts = [r.text for r in rows]
+        tokens = self.tokenizer(texts)
         return {"tokens": torch.as_tensor(tokens, dtype=torch.int64), **self._common(rows),
-                "corpus": torch.tensor([r.corpus for r in rows], dtype=torch.int64)}
+                "corpus": torch.tensor([r.corpus for r in rows], dtype=torch.int64),
+                **({"texts": texts} if self.return_texts else {})}
 
 
 def _open(spec: DataSpec) -> Cache:
@@ -385,10 +415,13 @@ def _shard_urls(cache: Cache, images: tuple[str, ...]) -> list[str]:
 
 def make_loader(spec: DataSpec, *, split: str, epoch: int, start_step: int = 0, workers: int = 0,
                 student_preprocess: dict | None = None, tokenizer: Callable | None = None,
+                teacher_preprocess: dict | None = None, return_texts: bool = False,
                 pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
-    """A DataLoader over `TrainStream`: the same batches in the same order for any `workers` (0 = in-process)."""
+    """A DataLoader over `TrainStream`: the same batches in the same order for any `workers` (0 = in-process).
+    `teacher_preprocess` and `return_texts` add the online-distillation outputs described in `TrainStream`."""
     stream = TrainStream(spec, split=split, epoch=epoch, start_step=start_step,
-                         student_preprocess=student_preprocess, tokenizer=tokenizer)
+                         student_preprocess=student_preprocess, tokenizer=tokenizer,
+                         teacher_preprocess=teacher_preprocess, return_texts=return_texts)
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, persistent_workers=False)

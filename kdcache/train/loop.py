@@ -7,6 +7,10 @@ One readable loop: AdamW, linear warmup + cosine decay, gradient clipping and ac
 Data order is a pure function of (seed, epoch, step), so a run killed at any moment and resumed with `--resume` ends
 with the same weights as an uninterrupted one. The run directory holds the resolved config, the cache fingerprint,
 metrics (JSONL + CSV), atomic checkpoints, and `done.json`, written last.
+
+`run(cfg, targets=...)` is the one door for online distillation (kdcache/online): a `Targets` object replaces the
+cached teacher outputs of every batch with live ones. This module only defines that interface; it never builds a
+teacher.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,7 +33,7 @@ from tqdm import tqdm
 
 from kdcache import __version__
 from kdcache.cache import schema
-from kdcache.cache.reader import open_cache
+from kdcache.cache.reader import Cache, open_cache
 from kdcache.train.data import DataSpec, count_rows, make_loader
 from kdcache.train.losses import LossInputs, WeightedLoss, default_losses
 from kdcache.train.students import Student, build_student
@@ -87,6 +92,32 @@ class TrainResult:
     steps: int
     epochs_done: int
     final_val: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LiveTeacher:
+    """What live targets tell the loop before step 1; they stand in for the cache's teacher attributes."""
+
+    embed_dim: int                        # the student's projection target
+    logit_scale: float
+    head: torch.Tensor | None             # [C, D] zero-shot head on the training device, None when no logits
+    loader: dict = field(default_factory=dict)  # extra make_loader keywords (teacher_preprocess, return_texts)
+    identity: dict = field(default_factory=dict)  # the teacher the student learns from (config.json "teacher")
+
+
+class Targets(Protocol):
+    """Teacher outputs computed during training instead of read from the cache (implemented in kdcache/online)."""
+
+    def prepare(self, cache: Cache, *, tower: str, needs: tuple[str, ...], device: torch.device) -> LiveTeacher:
+        """Check that these targets can serve `tower` and the losses' `needs` (raise TrainError naming what is
+        missing), and say what the loop and the loader need."""
+
+    def __call__(self, batch: dict) -> dict:
+        """The batch with "teacher" (and "other"/"has_other" where a loss needs pairs, else removed) replaced by live
+        teacher outputs on the training device; must be usable in autograd (no inference-mode tensors)."""
+
+    def describe(self) -> dict:
+        """JSON identity of the live teacher: recorded in config.json and part of the --resume identity."""
 
 
 # --------------------------------------------------------------------------------------------------- run directory
@@ -249,11 +280,13 @@ def _student_input(student: Student, batch: dict, device) -> torch.Tensor:
 
 @torch.no_grad()
 def validate(student: Student, loss_fn: WeightedLoss, loader, *, head, scale: float, temperature: float, device,
-             precision: str) -> dict:
+             precision: str, targets: Targets | None = None) -> dict:
     """Mean cosine to the teacher, top-1 agreement with the teacher's class prediction, and the losses."""
     student.eval()
     n, cos_sum, agree, sums = 0, 0.0, 0, {}
     for batch in loader:
+        if targets is not None:
+            batch = targets(batch)
         with _autocast(device, precision):
             s = student(_student_input(student, batch, device))
         x = _to_inputs(batch, s, head, scale, temperature, device)
@@ -274,8 +307,9 @@ def validate(student: Student, loss_fn: WeightedLoss, loader, *, head, scale: fl
     return out
 
 
-def run(cfg: TrainConfig) -> TrainResult:
-    """Train (or resume) a student as cfg says."""
+def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
+    """Train (or resume) a student as cfg says. With `targets` (kdcache/online), the teacher outputs of every batch
+    come from them instead of the cache; everything else (student, losses, views, order, schedule) is the same."""
     if cfg.tower not in ("image", "text"):
         raise TrainError("--tower must be image or text")
     if cfg.epochs is not None and cfg.max_steps is not None:
@@ -295,9 +329,12 @@ def run(cfg: TrainConfig) -> TrainResult:
                                                  schema.CAP_LABELS in cache.capabilities)
     loss_fn = WeightedLoss(weights, cfg.tower)
     check_requirements(cache, cfg.tower, loss_fn)
+    live = None if targets is None else targets.prepare(cache, tower=cfg.tower, needs=loss_fn.needs, device=device)
 
     resolved = {**_identity(cfg), "losses": weights, "loss_formula": loss_fn.formula, "precision": precision,
                 "threads": torch.get_num_threads()}
+    if targets is not None:
+        resolved.update(mode="online", online_teacher=targets.describe())
     fingerprint = cache.fingerprint()
     ckpt = None
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -314,12 +351,16 @@ def run(cfg: TrainConfig) -> TrainResult:
         ckpt = latest_checkpoint(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    student = build_student(cfg.student, tower=cfg.tower, teacher_dim=cache.embed_dim,
+    embed_dim = cache.embed_dim if live is None else live.embed_dim
+    student = build_student(cfg.student, tower=cfg.tower, teacher_dim=embed_dim,
                             pretrained=cfg.student_pretrained, seed=cfg.seed).to(device)
     head = None
-    if schema.CAP_LOGITS in cache.capabilities:
-        head = torch.from_numpy(cache.vocab()[2]).to(device)
-    scale = cache.logit_scale
+    if live is not None:
+        head, scale = live.head, live.logit_scale
+    else:
+        if schema.CAP_LOGITS in cache.capabilities:
+            head = torch.from_numpy(cache.vocab()[2]).to(device)
+        scale = cache.logit_scale
 
     spec = DataSpec(cache=cfg.cache, tower=cfg.tower, batch_size=cfg.batch_size, seed=cfg.seed, buffer=cfg.buffer,
                     val_fraction=cfg.val_fraction, images=cfg.images, allow_incomplete=cfg.allow_incomplete)
@@ -354,8 +395,11 @@ def run(cfg: TrainConfig) -> TrainResult:
 
     _atomic_write_text(run_dir / CONFIG, json.dumps({
         "config": resolved, "cache": cfg.cache, "cache_fingerprint": fingerprint, "student_config": student.config,
-        "student_preprocess": student.preprocess, "teacher": cache.attrs["teacher"], "embed_dim": cache.embed_dim,
-        "logit_scale": scale,
+        "student_preprocess": student.preprocess, "embed_dim": embed_dim, "logit_scale": scale,
+        "mode": "offline" if live is None else "online",
+        # the teacher the student learns from (export checks it); an online run also names the cache's
+        **({"teacher": cache.attrs["teacher"]} if live is None else
+           {"teacher": live.identity, "cache_teacher": cache.attrs["teacher"]}),
         "tower": cfg.tower, "kdcache_version": __version__, "steps_per_epoch": steps_per_epoch, "total_steps": total,
     }, indent=2))
     metrics = _Metrics(run_dir, step if ckpt is not None else None)
@@ -363,7 +407,8 @@ def run(cfg: TrainConfig) -> TrainResult:
           f"steps/epoch, {total} steps")
 
     meta = {"cache_fingerprint": fingerprint, "tower": cfg.tower}
-    loader_kw = {"workers": cfg.workers, "student_preprocess": student.preprocess, "tokenizer": student.tokenizer}
+    loader_kw = {"workers": cfg.workers, "student_preprocess": student.preprocess, "tokenizer": student.tokenizer,
+                 **(live.loader if live is not None else {})}
     val_spec_kw = {"split": "val", "start_step": 0}
     final_val: dict = {}
     student.train()
@@ -376,6 +421,8 @@ def run(cfg: TrainConfig) -> TrainResult:
             t0, seen = time.perf_counter(), 0
             micro = 0
             for batch in loader:
+                if targets is not None:
+                    batch = targets(batch)
                 x_in = _student_input(student, batch, device)
                 with _autocast(device, precision):
                     s = student(x_in)
@@ -408,7 +455,8 @@ def run(cfg: TrainConfig) -> TrainResult:
                     break
             # epoch (or run) boundary: validate, checkpoint at the start of the next epoch
             final_val = validate(student, loss_fn, make_loader(spec, epoch=0, **val_spec_kw, **loader_kw), head=head,
-                                 scale=scale, temperature=cfg.temperature, device=device, precision=precision)
+                                 scale=scale, temperature=cfg.temperature, device=device, precision=precision,
+                                 targets=targets)
             metrics.log({"kind": "val", "step": step, "epoch": epoch, **final_val})
             metrics.write_csv()
             log.info("epoch %d step %d: %s", epoch, step, ", ".join(f"{k}={v:.4f}" for k, v in final_val.items()
