@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdcache.eval.run import REPORT_JSON, md_table
+from kdcache.eval.run import REPORT_JSON, fmt_number, md_table
 
 PLOT_HINT = "pip install 'kdcache[plot]'  (or: pip install matplotlib)"
 DAGGER = "†"
@@ -121,14 +121,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if not a or not b else a / b
 
 
-def _f(v, *, pct=False, digits=2, suffix="") -> str:
-    if v is None:
-        return "–"
-    if pct:
-        return f"{100 * v:.{digits}f}{suffix}"
-    if isinstance(v, int):
-        return f"{v:,}{suffix}"
-    return f"{v:.{digits}f}{suffix}"
+_f = fmt_number
 
 
 def _signed(v) -> str:

@@ -295,14 +295,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-60:] or "model"
 
 
-def _fmt(v, pct: bool = False, digits: int = 2) -> str:
+def fmt_number(v, *, pct: bool = False, digits: int = 2, suffix: str = "") -> str:
+    """A table cell: "–" for missing, percentages from fractions, thousands separators for ints, and scientific
+    notation for small non-zero floats (a KL of 0.002 should not print as 0.00)."""
     if v is None:
         return "–"
     if pct:
-        return f"{100 * v:.{digits}f}"
+        return f"{100 * v:.{digits}f}{suffix}"
     if isinstance(v, int):
-        return f"{v:,}"
-    return f"{v:.{digits}f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}"
+        return f"{v:,}{suffix}"
+    return (f"{v:.{digits}f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}") + suffix
+
+
+def _fmt(v, pct: bool = False, digits: int = 2) -> str:
+    return fmt_number(v, pct=pct, digits=digits)
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
