@@ -84,3 +84,17 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     assert "meaningless" in r.output and "OK" in r.output
     assert open_cache(str(tmp_path / "qs" / "cache.zarr")).complete
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--student", "nope"], "unknown student 'nope'"),
+    (["--tower", "text", "--student", "kdc-tiny-text", "--loss", "kl=1"], "applies to the image tower only"),
+])
+def test_train_errors_are_messages_not_tracebacks(tmp_path, teacher_spec, shards, args, message):
+    out = tmp_path / "c.zarr"
+    assert build_cache(out, teacher=teacher_spec, images=tuple(shards)).ok
+    base = ["train", "--cache", str(out), "--tower", "image", "--student", "kdc-tiny-image", "--out",
+            str(tmp_path / "run"), "--max-steps", "1", "--no-progress"]
+    r = CliRunner().invoke(cli, base + args)
+    assert r.exit_code == 1 and message in r.output
+    assert not isinstance(r.exception, ValueError)  # handled: click's SystemExit, no traceback

@@ -226,12 +226,11 @@ def train(**kw) -> None:
     if online["teacher"] is None and (online["pretrained"] is not None or online["allow_random_init"]):
         raise click.UsageError("--online-pretrained and --online-allow-random-init need --online-teacher")
     cfg = TrainConfig(losses=losses, **kw)
-    errors: tuple[type[Exception], ...] = (TrainError, CacheError, DataError)
+    # Every kdcache error a user can cause is a ValueError subclass (TrainError, CacheError, DataError, StudentError,
+    # TeacherError, unknown or misapplied losses): shown as a message, not a traceback.
+    errors: tuple[type[Exception], ...] = (TrainError, CacheError, DataError, ValueError, FileNotFoundError)
     if online["teacher"] is not None:  # the only path that builds a teacher: imported only here
-        from kdcache.cache.teacher import TeacherError
         from kdcache.online import run_online
-
-        errors += (TeacherError,)
     try:
         result = run(cfg) if online["teacher"] is None else run_online(cfg, **online)
     except KeyboardInterrupt:
@@ -272,7 +271,7 @@ def export(image_run, image_from_teacher, text_run, text_from_teacher, pretraine
     try:
         path = run_export(out=out, image_run=image_run, text_run=text_run, image_from_teacher=image_from_teacher,
                           text_from_teacher=text_from_teacher, pretrained=pretrained)
-    except (ExportError, TrainError, TeacherError) as e:
+    except (ExportError, TrainError, TeacherError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"exported {path}  (load: open_clip.create_model_and_transforms('local-dir:{path}'))")
 
