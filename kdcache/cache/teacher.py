@@ -44,8 +44,9 @@ _AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 INIT_SEED = 0
 # Preprocessing fields open_clip fills with its OpenAI defaults when the teacher does not give them.
 _DEFAULTABLE = ("mean", "std", "interpolation", "resize_mode")
-_RANDOM_HINT = ("Pass --allow-random-init (allow_random_init=True) to use a randomly initialised teacher anyway "
-                "(tests, benchmarks: its outputs are meaningless).")
+_RANDOM_HINT = ("Pass --allow-random-init (`kdcache train --online-teacher`: --online-allow-random-init; Python: "
+                "allow_random_init=True) to use a randomly initialised teacher anyway (tests, benchmarks: its outputs "
+                "are meaningless).")
 
 
 class TeacherError(ValueError):
