@@ -279,15 +279,17 @@ class _Builder:
         self.counts = Counter()
 
     # -- teacher outputs
-    def teacher_outputs(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, ...]:
-        emb = self.teacher.encode_images(pixels)
+    def teacher_outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Embeddings and, with a vocabulary, top-k logits and log-sum-exp: all computed on the teacher's device (a
+        [B, C] logits matrix never crosses to the host), then copied back once."""
+        emb = self.teacher.encode_images(pixels, on_device=True)
         if self.head is None:
-            return emb, None, None, None
-        logits = self.teacher.logit_scale * emb @ self.head.T
-        k = self.topk
-        val, idx = logits.topk(k, dim=1)
-        lse = torch.logsumexp(logits, dim=1)
-        return emb, idx.to(torch.int32), val, lse
+            return emb.cpu(), None, None, None
+        with torch.inference_mode():
+            logits = self.teacher.logit_scale * emb @ self.head_device.T
+            val, idx = logits.topk(self.topk, dim=1)
+            lse = torch.logsumexp(logits, dim=1)
+        return emb.cpu(), idx.to(torch.int32).cpu(), val.cpu(), lse.cpu()
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         bs = self.cfg.batch_size
@@ -438,6 +440,7 @@ class _Builder:
         elif cfg.templates:
             raise BuildError("--templates needs --classes")
         self.head = None if self.head is None else self.head.to(torch.float32)
+        self.head_device = None if self.head is None else self.head.to(self.teacher.device)
         dim = self.teacher.embed_dim
         self.image_specs = schema.image_arrays(views=cfg.views, dim=dim, topk=self.topk, embed_dtype=cfg.embed_dtype)
         self.caption_specs = schema.caption_arrays(dim=dim, embed_dtype=cfg.embed_dtype)

@@ -88,11 +88,12 @@ class Teacher:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised float32 image embeddings on the CPU, [B, D], from uint8 [B, 3, H, W] pixels."""
+    def encode_images(self, images: torch.Tensor, *, on_device: bool = False) -> torch.Tensor:
+        """L2-normalised float32 image embeddings [B, D] from uint8 [B, 3, H, W] pixels, on the CPU (or left on the
+        teacher's device with on_device=True, for further work there)."""
         with torch.inference_mode(), self._autocast():
-            feats = self.model.encode_image(self.normalize_images(images))
-            return F.normalize(feats.float(), dim=-1).cpu()
+            feats = F.normalize(self.model.encode_image(self.normalize_images(images)).float(), dim=-1)
+            return feats if on_device else feats.cpu()
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised float32 text embeddings on the CPU, [B, D] (open_clip's tokenizer truncates to context)."""
