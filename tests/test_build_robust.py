@@ -72,6 +72,25 @@ def test_resume_after_sigkill_gives_the_identical_cache(tmp_path, teacher_spec, 
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_resume_completes(tmp_path, teacher_spec, many_shards, classes_file, reference):
+    out = tmp_path / "interrupted.zarr"
+    cmd = [sys.executable, "-m", "kdcache.cli.main", *_cli_args(out, teacher_spec, many_shards, classes_file)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while _statuses_done(out) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    done = _statuses_done(out)
+    assert 0 < done < len(many_shards), f"the interrupt landed outside the build ({done} units done)"
+    assert proc.returncode == 130, err[-2000:]
+    assert "rerun with --resume" in err and "Traceback" not in err
+    r = CliRunner().invoke(cli, _cli_args(out, teacher_spec, many_shards, classes_file, "--resume"))
+    assert r.exit_code == 0, r.output
+    assert_identical_caches(out, reference)
+
+
+@pytest.mark.slow
 def test_workers_do_not_change_the_cache(tmp_path, teacher_spec, many_shards, classes_file, reference):
     out = tmp_path / "workers.zarr"
     r = CliRunner().invoke(cli, _cli_args(out, teacher_spec, many_shards, classes_file, "--workers", "2"))
