@@ -294,7 +294,7 @@ def bare_forward(spec: str, pretrained, pixels: torch.Tensor, tokens: torch.Tens
     for i in range(0, len(pixels), batch_size):
         teacher.encode_images(pixels[i:i + batch_size])
     if tokens is not None:
-        with torch.inference_mode(), teacher._autocast():
+        with torch.inference_mode(), teacher.autocast():
             for i in range(0, len(tokens), batch_size):
                 torch.nn.functional.normalize(teacher.model.encode_text(tokens[i:i + batch_size].to(teacher.device))
                                               .float(), dim=-1).cpu()

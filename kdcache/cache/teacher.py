@@ -34,11 +34,11 @@ from open_clip import pretrained as oc_pretrained
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from kdcache.modelcfg import ConfigError, jsonable, load_config_file, write_local_dir
+from kdcache.precision import autocast
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Module initialisation draws from the torch RNG; a fixed seed in a forked RNG makes a random-init teacher the same in
 # every run (two builds of the quickstart cache are identical) and leaves the caller's RNG untouched.
 INIT_SEED = 0
@@ -73,9 +73,8 @@ class Teacher:
         self._mean = torch.tensor(self.preprocess["mean"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._std = torch.tensor(self.preprocess["std"], dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        amp = _AMP_DTYPES.get(self.precision) if self.device.type == "cuda" else None
-        return torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.precision)
 
     def normalize_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> the model's float input on the device: x / 255, then (x - mean) / std with the
@@ -91,7 +90,7 @@ class Teacher:
     def encode_images(self, images: torch.Tensor, *, on_device: bool = False) -> torch.Tensor:
         """L2-normalised float32 image embeddings [B, D] from uint8 [B, 3, H, W] pixels, on the CPU (or left on the
         teacher's device with on_device=True, for further work there)."""
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             feats = F.normalize(self.model.encode_image(self.normalize_images(images)).float(), dim=-1)
             return feats if on_device else feats.cpu()
 
@@ -99,14 +98,14 @@ class Teacher:
         """L2-normalised float32 text embeddings on the CPU, [B, D] (open_clip's tokenizer truncates to context)."""
         if len(texts) == 0:
             return torch.empty(0, self.embed_dim)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             feats = self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
             return F.normalize(feats.float(), dim=-1).cpu()
 
     def zero_shot_head(self, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """The zero-shot classifier [C, D] (classes x dim): open_clip's template-averaged, normalised class text
         embeddings, float32 on the CPU, rows re-normalised in float32 (they were averaged in autocast on CUDA)."""
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             w = open_clip.build_zero_shot_classifier(self.model, self.tokenizer, list(classes), list(templates),
                                                      device=self.device)
             return F.normalize(w.T.float(), dim=-1).cpu().contiguous()

@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 
 from kdcache.cache.views import eval_transform_uint8
+from kdcache.precision import autocast
 
 KINDS = ("open_clip", "export", "run")
 MB = 1e6  # reports give sizes in MB = 10^6 bytes
 _EXPORT_CARD = "# kdcache export"  # first line of the README.md that `kdcache export` writes
-_AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ModelError(ValueError):
@@ -77,8 +77,7 @@ class EvalModel:
         return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        amp = _AMP.get(self.precision) if self.device.type == "cuda" else None
-        return torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     def transform(self, image: Image.Image) -> torch.Tensor:
         """open_clip's eval transform of this model, stopping at uint8 [3, H, W]."""

@@ -18,7 +18,6 @@ The only training code that builds a teacher; the offline path (kdcache/train) n
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -31,7 +30,6 @@ from kdcache.train.loop import LiveTeacher, TrainConfig, TrainError, TrainResult
 
 log = logging.getLogger(__name__)
 
-_AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _PREPROCESS_KEYS = ("size", "mean", "std", "interpolation", "resize_mode")
 _SAME_TEACHER_KEYS = ("digest", "random_init", "init_seed", "model_cfg")
 
@@ -78,14 +76,10 @@ class OnlineTargets:
         return LiveTeacher(embed_dim=self.teacher.embed_dim, logit_scale=self.teacher.logit_scale, head=head,
                            loader=loader, identity=dict(self.teacher.identity))
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        amp = _AMP.get(self.teacher.precision) if self.device.type == "cuda" else None
-        return torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
-
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised float32 [B, D] on the teacher's device from uint8 [B, 3, H, W] at the teacher's size."""
-        with self._autocast():
+        with self.teacher.autocast():
             feats = self.teacher.model.encode_image(self.teacher.normalize_images(pixels))
         return F.normalize(feats.float(), dim=-1)
 
@@ -93,7 +87,7 @@ class OnlineTargets:
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """L2-normalised float32 [B, D] on the teacher's device (the teacher's tokenizer truncates to its context)."""
         tokens = self.teacher.tokenizer(list(texts)).to(self.device)
-        with self._autocast():
+        with self.teacher.autocast():
             feats = self.teacher.model.encode_text(tokens)
         return F.normalize(feats.float(), dim=-1)
 

@@ -15,7 +15,6 @@ teacher.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from kdcache import __version__
 from kdcache.cache import schema
 from kdcache.cache.reader import Cache, open_cache
+from kdcache.precision import autocast
 from kdcache.train.data import DataSpec, count_rows, make_loader
 from kdcache.train.losses import LossInputs, WeightedLoss, default_losses
 from kdcache.train.students import Student, build_student
@@ -48,7 +48,6 @@ LATEST = "latest"
 FINAL = "final"
 # Settings that do not change the result: a --resume may change them.
 NON_IDENTITY = ("resume", "progress", "workers", "out", "images", "checkpoint_every", "allow_incomplete")
-_AMP = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TrainError(ValueError):
@@ -230,11 +229,6 @@ class _Metrics:
 
 # -------------------------------------------------------------------------------------------------------- the loop
 
-def _autocast(device: torch.device, precision: str):
-    amp = _AMP.get(precision) if device.type == "cuda" else None
-    return torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
-
-
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -287,7 +281,7 @@ def validate(student: Student, loss_fn: WeightedLoss, loader, *, head, scale: fl
     for batch in loader:
         if targets is not None:
             batch = targets(batch)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             s = student(_student_input(student, batch, device))
         x = _to_inputs(batch, s, head, scale, temperature, device)
         b = x.student.shape[0]
@@ -424,7 +418,7 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
                 if targets is not None:
                     batch = targets(batch)
                 x_in = _student_input(student, batch, device)
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     s = student(x_in)
                 terms = loss_fn(_to_inputs(batch, s, head, scale, cfg.temperature, device))
                 scaler.scale(terms["loss"] / cfg.accum_steps).backward()
