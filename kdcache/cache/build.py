@@ -286,7 +286,7 @@ class _Builder:
         if self.head is None:
             return emb.cpu(), None, None, None
         with torch.inference_mode():
-            logits = self.teacher.logit_scale * emb @ self.head_device.T
+            logits = self.teacher.logit_scale * emb @ self.head.T
             val, idx = logits.topk(self.topk, dim=1)
             lse = torch.logsumexp(logits, dim=1)
         return emb.cpu(), idx.to(torch.int32).cpu(), val.cpu(), lse.cpu()
@@ -439,8 +439,8 @@ class _Builder:
             vocab = (classes, templates, classes_src, templates_src)
         elif cfg.templates:
             raise BuildError("--templates needs --classes")
-        self.head = None if self.head is None else self.head.to(torch.float32)
-        self.head_device = None if self.head is None else self.head.to(self.teacher.device)
+        if self.head is not None:  # float32 [C, D], kept on the teacher's device where the logits are computed
+            self.head = self.head.to(self.teacher.device, torch.float32)
         dim = self.teacher.embed_dim
         self.image_specs = schema.image_arrays(views=cfg.views, dim=dim, topk=self.topk, embed_dtype=cfg.embed_dtype)
         self.caption_specs = schema.caption_arrays(dim=dim, embed_dtype=cfg.embed_dtype)
@@ -546,7 +546,7 @@ class _Builder:
                 root = zarr.open_group(path, mode="w")
                 if vocab is not None:
                     classes, templates, classes_src, templates_src = vocab
-                    schema.write_vocab(root, classes=classes, templates=templates, head=self.head.numpy(),
+                    schema.write_vocab(root, classes=classes, templates=templates, head=self.head.cpu().numpy(),
                                        attributes={"classes_source": classes_src, "templates_source": templates_src})
             attrs["capabilities"] = _capabilities(bool(attrs["inputs"]["images"]), bool(attrs["inputs"]["captions"]),
                                                   self.head is not None) + schema.embed_capabilities(cfg.embed_dtype)
