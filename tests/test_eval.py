@@ -126,6 +126,20 @@ def test_agreement_from_the_cache_matches_the_teacher(three, work, tmp_path):
     assert got["kl"] == pytest.approx(want["kl"], abs=5e-3)
 
 
+def test_cache_agreement_reuses_the_digests_of_the_data_pass(work, tmp_path, monkeypatch):
+    """Shards read to their end were hashed while read: agreement must not read them a second time. A shard the pass
+    stopped in (--limit) is hashed on its own."""
+    from kdcache.eval import run as eval_run
+
+    hashed = []
+    real = eval_run.file_sha256
+    monkeypatch.setattr(eval_run, "file_sha256", lambda url: hashed.append(url) or real(url))
+    rep = _zeroshot(work, tmp_path / "r", [work["run"]], cache=work["cache"])
+    assert rep["agreement"]["available"] and hashed == []
+    rep = _zeroshot(work, tmp_path / "r2", [work["run"]], cache=work["cache"], limit=4)
+    assert rep["agreement"]["available"] and len(hashed) == 1
+
+
 def test_cache_agreement_refused_for_other_shards_with_the_same_keys(work, tmp_path):
     from kdcache.synth import write_image_shards
 

@@ -67,6 +67,16 @@ class Reject:
     detail: str
 
 
+def file_sha256(url: str) -> str:
+    """"sha256:<hex>" of every byte of a file (local path or fsspec URL), streamed: the digest a cache records for
+    teacher checkpoints and shards (iter_shard computes the same one while it reads a whole shard)."""
+    h = hashlib.sha256()
+    with fsspec.open(url, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
 def expand_urls(patterns: Sequence[str]) -> list[str]:
     """Brace-expand shard patterns in the order given. Local paths must exist; fsspec URLs are not checked here
     (that would cost a request per shard); a URL given twice would be cached twice, so it is an error."""

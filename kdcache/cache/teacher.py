@@ -16,7 +16,6 @@ Only the build (and kdcache/online) may import this module.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from open_clip import factory as oc_factory
 from open_clip import pretrained as oc_pretrained
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from kdcache.cache.sources import file_sha256
 from kdcache.modelcfg import ConfigError, jsonable, load_config_file, write_local_dir
 from kdcache.precision import autocast
 
@@ -123,14 +123,6 @@ class _Source:
     where: str                      # where given_preprocess comes from
     no_weights_reason: str = ""     # why checkpoint is None, for the refusal message
     recorded_checkpoint: str | None = None
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
 
 
 def _resolve_local_dir(path: str) -> _Source:
@@ -306,7 +298,7 @@ def load_teacher(spec: str, *, pretrained: str | None = None, allow_random_init:
     with _resolve(spec, pretrained) as src:
         if src.checkpoint is None and not allow_random_init:
             raise TeacherError(f"teacher {spec!r} has no weights to load ({src.no_weights_reason}). {_RANDOM_HINT}")
-        digest = _sha256(src.checkpoint) if src.checkpoint else None
+        digest = file_sha256(src.checkpoint) if src.checkpoint else None
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(INIT_SEED)

@@ -28,7 +28,15 @@ import torch
 from tqdm import tqdm
 
 from kdcache import __version__
-from kdcache.cache.sources import RejectError, Sample, ShardReport, expand_urls, iter_shard, parse_sample
+from kdcache.cache.sources import (
+    RejectError,
+    Sample,
+    ShardReport,
+    expand_urls,
+    file_sha256,
+    iter_shard,
+    parse_sample,
+)
 from kdcache.eval import latency as lat
 from kdcache.eval import metrics as M
 from kdcache.eval.models import EvalModel, ModelError, accepts_pretrained, resolve_model
@@ -100,6 +108,7 @@ class _Collected:
     rejected: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     shard_errors: list[str] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)   # sha256 of each shard read to its end
 
 
 # ------------------------------------------------------------------------------------------------------ data pass
@@ -113,6 +122,8 @@ def iter_samples(urls: Sequence[str], stats: _Collected) -> Iterator[tuple[str, 
                 yield url, parse_sample(raw, max_pixels=MAX_PIXELS)
             except RejectError as e:
                 stats.rejected[e.reason] += 1
+        if report.digest:  # the whole shard was read: its digest came for free
+            stats.digests[url] = report.digest
         if report.truncated:
             stats.shard_errors.append(f"{url}: {report.error}")
             log.warning("shard %s: %s (samples before the damage were used)", url, report.error)
@@ -206,19 +217,9 @@ def pick_teacher(models: Sequence[EvalModel], cache_teacher: dict | None) -> tup
 
 # ------------------------------------------------------------------------------------------------------ agreement
 
-def shard_digest(url: str) -> str:
-    """sha256 of every byte of a shard as stored: what a cache records per shard (its status "digest")."""
-    import fsspec
-
-    h = hashlib.sha256()
-    with fsspec.open(url, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
 def cache_reference(cache_path: str, *, urls: Sequence[str], positions: Sequence[int], keys: Sequence[str],
-                    task: str, classes: Sequence[str] | None) -> tuple[dict | None, str]:
+                    task: str, classes: Sequence[str] | None,
+                    digests: dict[str, str] | None = None) -> tuple[dict | None, str]:
     """The cached teacher outputs (view 0: the teacher's eval transform) for exactly these samples, or (None, why
     not). A sample is found when its shard's bytes are a cache shard's (same sha256, whatever the path) and the row at
     its position holds its __key__: keys alone would match other shards that reuse the same names.
@@ -239,7 +240,8 @@ def cache_reference(cache_path: str, *, urls: Sequence[str], positions: Sequence
             by_digest.setdefault(d, u)
     unit_of: dict[str, int] = {}
     for url in dict.fromkeys(urls):
-        digest = shard_digest(url)
+        # The data pass hashed every shard it read to the end; only one it stopped in (--limit) is read again.
+        digest = (digests or {}).get(url) or file_sha256(url)
         if digest not in by_digest:
             return None, (f"eval shard {url} is not one of cache {cache_path}'s shards (no cached shard has its "
                           "sha256), so the cache has no teacher outputs for it. Add the teacher as a --model to "
@@ -574,7 +576,7 @@ def run(cfg: EvalConfig) -> dict:
                          "against the teacher run on the eval data.")
     elif cfg.cache:
         ref, why = cache_reference(cfg.cache, urls=col.urls, positions=col.positions, keys=col.keys, task=cfg.task,
-                                   classes=classes)
+                                   classes=classes, digests=col.digests)
         if ref is None:
             agreement["reason"] = why
         else:
