@@ -133,6 +133,26 @@ def _write_units(path: str, units: list[int], rows: int, dim: int) -> None:
         schema.write_status(root, unit, {"unit": unit.name, "rows": rows})
 
 
+def test_resume_removes_temporaries_of_an_interrupted_write(tmp_path, teacher_spec, shards):
+    """zarr writes `<name>.<hex>.partial` and renames it; kill -9 in between leaves it, and zarr's member listing then
+    fails on it. verify names it; --resume removes it."""
+    import uuid
+
+    out = tmp_path / "partial.zarr"
+    assert build_cache(out, teacher=teacher_spec, images=tuple(shards)).ok
+    left = [out / f"zarr.{uuid.uuid4().hex}.partial", out / "images" / f"zarr.{uuid.uuid4().hex}.partial"]
+    for p in left:
+        p.write_bytes(b'{"zarr_format": 3')
+    with pytest.raises((KeyError, zarr.errors.ZarrUserWarning)):  # zarr warns, then fails, on the stray file
+        dict(zarr.open_group(str(out), mode="r")["images"].groups())
+    problems = verify(str(out), progress=False).problems
+    assert sum("interrupted write" in p for p in problems) == 2
+    assert build_cache(out, teacher=teacher_spec, images=tuple(shards), resume=True).ok
+    assert not any(p.exists() for p in left)
+    assert len(dict(zarr.open_group(str(out), mode="r")["images"].groups())) == len(shards)
+    assert verify(str(out), progress=False).ok
+
+
 def test_two_processes_writing_units_lose_no_rows(tmp_path):
     """Two writer processes at real chunk sizes (embedding chunks of ~1 MiB): units never share a chunk, so no row
     is lost — unlike two processes writing disjoint rows of one zarr chunk."""

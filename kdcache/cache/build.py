@@ -541,6 +541,8 @@ class _Builder:
                     raise BuildError(f"{path} has schema {old.get('schema_version')}; this kdcache writes "
                                      f"{schema.SCHEMA_VERSION}")
                 check_resume_identity(old, attrs)
+                for k in schema.remove_interrupted_writes(root):
+                    log.info("resume: removed %s, left by an interrupted write", k)
                 attrs["run"]["resumed_from"] = old.get("run", {}).get("started")
             else:
                 root = zarr.open_group(path, mode="w")

@@ -26,12 +26,14 @@ decode_embeddings (the reader does so unless asked for raw values).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
+from zarr.core.sync import sync
 
 SCHEMA_MAJOR = 1
 SCHEMA_MINOR = 1
@@ -260,6 +262,31 @@ def write_vocab(root: zarr.Group, *, classes: list[str], templates: list[str], h
     for name, values in (("classes", classes), ("templates", templates)):
         _write_whole(g, name, np.asarray(values, dtype=object), dtype=str, chunks=(max(1, len(values)),), fill="")
     _write_whole(g, "head", np.asarray(head, np.float32), dtype="float32", chunks=head.shape, fill=NAN)
+
+
+def list_keys(root: zarr.Group) -> list[str]:
+    """Every key in the store (zarr's own listing, so it works for any store)."""
+    async def collect():
+        return [k async for k in root.store.list()]
+    return sync(collect())
+
+
+# zarr's LocalStore writes each file as `<name>.<32 hex>.partial` and renames it into place; a process killed in between
+# leaves the temporary behind, and zarr's listing of the group's members then fails on it.
+_INTERRUPTED_WRITE = re.compile(r"(^|/)[^/]*\.[0-9a-f]{32}\.partial$")
+
+
+def interrupted_writes(root: zarr.Group) -> list[str]:
+    """Temporary files a killed writer left in the store."""
+    return [k for k in list_keys(root) if _INTERRUPTED_WRITE.search(k)]
+
+
+def remove_interrupted_writes(root: zarr.Group) -> list[str]:
+    """Delete them; only while no writer runs (the build does it when it resumes, before any unit is written)."""
+    keys = interrupted_writes(root)
+    for k in keys:
+        sync(root.store.delete(k))
+    return keys
 
 
 def write_status(root: zarr.Group, unit: Unit, status: dict) -> None:

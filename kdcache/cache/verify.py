@@ -20,7 +20,7 @@ from zarr.core.sync import sync
 
 from kdcache.cache import schema
 from kdcache.cache.reader import Cache, open_cache
-from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
+from kdcache.cache.schema import CAPTIONS, IMAGES, Unit, list_keys
 
 # Tolerated |norm - 1| of a valid embedding, by stored dtype. fp16: each component rounds with relative error
 # <= 2^-11, so the norm is off by <= ~5e-4 (2e-3 leaves headroom); fp32: summation error only. int8: decoding
@@ -46,13 +46,6 @@ class VerifyReport:
         return not self.problems
 
 
-def list_keys(root: zarr.Group) -> list[str]:
-    """Every key in the store (zarr's own listing, so it works for any store)."""
-    async def collect():
-        return [k async for k in root.store.list()]
-    return sync(collect())
-
-
 def unit_specs(cache: Cache, unit: Unit) -> dict[str, schema.ArraySpec]:
     b = cache.attrs["build"]
     if unit.kind == IMAGES:
@@ -70,6 +63,9 @@ def verify(path: str, *, progress: bool = True) -> VerifyReport:
     cache = open_cache(path, allow_incomplete=True)
     rep = VerifyReport(path)
     keys = set(list_keys(cache.root))
+    for k in schema.interrupted_writes(cache.root):
+        rep.problems.append(f"{k}: a temporary file left by an interrupted write (zarr cannot list its group's "
+                            "members); `kdcache build ... --resume` removes it")
     if not cache.complete:
         s = cache.attrs.get("summary", {})
         rep.problems.append(f"cache status is '{cache.attrs.get('status')}' (failed units: "
