@@ -19,7 +19,7 @@ from PIL import Image
 from kdcache.cache.reader import open_cache
 from kdcache.cache.views import crop_view
 from kdcache.synth import write_captions, write_image_shards, write_tar
-from kdcache.train.data import DataError, DataSpec, TrainStream, count_rows, make_loader, split_of
+from kdcache.train.data import DataError, DataSpec, EpochLoader, TrainStream, count_rows, make_loader, split_of
 
 CTX = 16  # the tiny teacher's text context
 
@@ -167,6 +167,31 @@ def test_order_is_a_function_of_seed_epoch_and_step_not_workers(data):
     resumed = make_loader(spec, split="train", epoch=0, start_step=3, workers=2)
     assert len(resumed) == len(full) - 3
     assert _ids(resumed, "shard", "position", "view") == full[3:]
+
+
+def test_epoch_loader_keeps_its_workers_and_serves_every_pass_like_a_fresh_loader(data):
+    """Training's loader forks its workers once; each pass (abandoned or not) gives what a fresh loader gives."""
+    spec = _spec(data, val_fraction=0.2)
+
+    def fresh(split, epoch, start=0):
+        return _ids(make_loader(spec, split=split, epoch=epoch, start_step=start), "shard", "position", "view")
+
+    data_loader = EpochLoader(spec, workers=2)
+    passes = [("train", 0, 0), ("val", 0, 0), ("train", 1, 2), ("val", 0, 0), ("train", 2, 0)]
+    pids = None
+    try:
+        for i, (split, epoch, start) in enumerate(passes):
+            it = data_loader.start(split, epoch, start)
+            if i == 2:  # abandon a pass after one batch, as max_steps does mid-epoch: the next pass is not disturbed
+                next(it)
+                continue
+            assert _ids(it, "shard", "position", "view") == fresh(split, epoch, start), (split, epoch, start)
+            now = [w.pid for w in data_loader.loader._iterator._workers]
+            assert pids is None or now == pids  # the same worker processes for every pass
+            pids = now
+    finally:
+        data_loader.close()
+    assert fresh("train", 1, 0) != fresh("train", 2, 0)  # the passes differ, so equality above is not vacuous
 
 
 def test_splits_are_disjoint_cover_every_valid_row_and_are_stable(data):

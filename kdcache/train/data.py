@@ -186,14 +186,14 @@ class TrainStream(torch.utils.data.IterableDataset):
                  student_preprocess: dict | None = None, tokenizer: Callable | None = None,
                  teacher_preprocess: dict | None = None, return_texts: bool = False):
         super().__init__()
-        if split not in SPLITS:
-            raise DataError(f"split must be one of {SPLITS}, got {split!r}")
-        if epoch < 0 or start_step < 0:
-            raise DataError(f"epoch and start_step must be non-negative, got {epoch} and {start_step}")
-        self.spec, self.split, self.epoch, self.start_step = spec, split, epoch, start_step
+        self.spec = spec
+        # Which pass the stream serves: (split, epoch, start_step) in shared memory, so that `set_position` in the main
+        # process reaches persistent DataLoader workers (forked once, see `EpochLoader`) before their next pass.
+        self._position = torch.zeros(3, dtype=torch.int64).share_memory_()
+        self.set_position(split, epoch, start_step)
         self.tokenizer = tokenizer
         self.return_texts = return_texts
-        self._len: int | None = None
+        self._len: dict[str, int] = {}
         self._eval_tf: dict[str, Callable] = {}  # built on first use, in the process that uses it
         # Checked here, in the main process, so a bad spec fails before any worker starts. The zarr group itself is
         # not kept: each worker opens its own in __iter__ (open zarr handles are not meant to be pickled).
@@ -220,67 +220,88 @@ class TrainStream(torch.utils.data.IterableDataset):
         elif tokenizer is None:
             raise DataError("the text tower needs the student's tokenizer (tokenizer=open_clip.get_tokenizer(...))")
 
+    def set_position(self, split: str, epoch: int, start_step: int = 0) -> None:
+        """Serve `split` of `epoch` from batch `start_step` on, from the next `iter()` of the stream or its loader."""
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+        if epoch < 0 or start_step < 0:
+            raise DataError(f"epoch and start_step must be non-negative, got {epoch} and {start_step}")
+        self._position.copy_(torch.tensor([SPLITS.index(split), epoch, start_step]))
+
+    @property
+    def split(self) -> str:
+        return SPLITS[int(self._position[0])]
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[1])
+
+    @property
+    def start_step(self) -> int:
+        return int(self._position[2])
+
     @property
     def drop_last(self) -> bool:
         return self.split == "train"  # training steps see full batches; validation sees every row
 
     def __len__(self) -> int:
-        """Batches this stream yields (after `start_step`); counting reads the cache's small arrays once."""
-        if self._len is None:
-            rows = count_rows(self.spec, self.split)
+        """Batches this stream yields (after `start_step`); counting reads the cache's small arrays once per split."""
+        split = self.split
+        if split not in self._len:
+            rows = count_rows(self.spec, split)
             b = self.spec.batch_size
-            self._len = rows // b if self.drop_last else -(-rows // b)
-        return max(0, self._len - self.start_step)
+            self._len[split] = rows // b if split == "train" else -(-rows // b)
+        return max(0, self._len[split] - self.start_step)
 
     # ------------------------------------------------------------------------------------------ the order stream
 
-    def order(self) -> Iterator[RawRow]:
-        """The epoch's rows in batch order, unmaterialised: identical in every process that computes it."""
+    def order(self, split: str | None = None, epoch: int | None = None) -> Iterator[RawRow]:
+        """The rows of `split` and `epoch` (default: the stream's position) in batch order, unmaterialised: identical in
+        every process that computes it."""
+        split = self.split if split is None else split
+        epoch = self.epoch if epoch is None else epoch
         cache = _open(self.spec)
-        train = self.split == "train"
+        train = split == "train"
         if self.spec.tower == "image":
             units = _usable_units(cache, IMAGES)
         else:
             units = _usable_units(cache, IMAGES) + _usable_units(cache, CAPTIONS)
         if train:
-            rng = np.random.default_rng([self.spec.seed, self.epoch, _UNIT_ORDER])
+            rng = np.random.default_rng([self.spec.seed, epoch, _UNIT_ORDER])
             units = [units[i] for i in rng.permutation(len(units)).tolist()]
-        rows = (row for unit in units for row in self._unit_rows(cache, unit))
+        rows = (row for unit in units for row in self._unit_rows(cache, unit, split, epoch))
         if train and self.spec.buffer > 1:
-            rows = _shuffled(rows, self.spec.buffer, np.random.default_rng([self.spec.seed, self.epoch, _BUFFER]))
+            rows = _shuffled(rows, self.spec.buffer, np.random.default_rng([self.spec.seed, epoch, _BUFFER]))
         yield from rows
 
-    def _unit_rows(self, cache: Cache, unit: Unit) -> Iterator[RawRow]:
+    def _unit_rows(self, cache: Cache, unit: Unit, split: str, epoch: int) -> Iterator[RawRow]:
         if unit.kind == CAPTIONS:
-            yield from self._corpus_rows(cache, unit)
+            yield from self._corpus_rows(cache, unit, split)
         elif self.spec.tower == "text":
-            yield from self._paired_caption_rows(cache, unit)
+            yield from self._paired_caption_rows(cache, unit, split)
         else:
-            yield from self._image_rows(cache, unit)
+            yield from self._image_rows(cache, unit, split, epoch)
 
-    def _mine(self, key: str) -> bool:
-        return split_of(key, self.spec.val_fraction) == self.split
-
-    def _corpus_rows(self, cache: Cache, unit: Unit) -> Iterator[RawRow]:
+    def _corpus_rows(self, cache: Cache, unit: Unit, split: str) -> Iterator[RawRow]:
         a = cache.read(unit, ["index", "valid", "text", "emb"])
         nan = np.full(cache.embed_dim, np.nan, np.float32)
         for r in np.flatnonzero(a["valid"]).tolist():
             index = int(a["index"][r])
             key = caption_key(unit.index, index)
-            if self._mine(key):
+            if split_of(key, self.spec.val_fraction) == split:
                 yield RawRow(shard=-1, corpus=unit.index, position=index, key=key, teacher=_f32(a["emb"][r]),
                              other=nan, has_other=False, label=-1, text=str(a["text"][r]))
 
-    def _paired_caption_rows(self, cache: Cache, unit: Unit) -> Iterator[RawRow]:
+    def _paired_caption_rows(self, cache: Cache, unit: Unit, split: str) -> Iterator[RawRow]:
         a = cache.read(unit, ["key", "valid", "label", "caption", "caption_emb", "emb"])
         for p in np.flatnonzero(a["valid"] & (a["caption"] != "")).tolist():
             key = str(a["key"][p])
-            if self._mine(key):
+            if split_of(key, self.spec.val_fraction) == split:
                 yield RawRow(shard=unit.index, corpus=-1, position=p, key=key, teacher=_f32(a["caption_emb"][p]),
                              other=_f32(a["emb"][p, 0]), has_other=True, label=int(a["label"][p]),
                              text=str(a["caption"][p]))
 
-    def _image_rows(self, cache: Cache, unit: Unit) -> Iterator[RawRow]:
+    def _image_rows(self, cache: Cache, unit: Unit, split: str, epoch: int) -> Iterator[RawRow]:
         """The shard's tar streamed in order and joined to the cache rows by position, checking every key."""
         a = cache.read(unit, ["key", "valid", "label", "caption", "caption_emb", "view_box", "view_flip", "emb"])
         rows = len(a["key"])
@@ -288,7 +309,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         url = self.urls[unit.index]
         report = ShardReport(url=url)
         seen = 0
-        train = self.split == "train"
+        train = split == "train"
         for raw in iter_shard(url, report):
             p = raw.position
             if p >= rows:
@@ -301,9 +322,9 @@ class TrainStream(torch.utils.data.IterableDataset):
             if raw.key != cached:
                 raise DataError(f"shard {unit.index} ({url}) position {p}: the tar has key {raw.key!r} where the "
                                 f"cache has {cached!r}; the shards were moved or rewritten (check --images)")
-            if not a["valid"][p] or not self._mine(cached):
+            if not a["valid"][p] or split_of(cached, self.spec.val_fraction) != split:
                 continue
-            v = choose_view(seed=self.spec.seed, epoch=self.epoch, shard=unit.index, position=p,
+            v = choose_view(seed=self.spec.seed, epoch=epoch, shard=unit.index, position=p,
                             views=self.views) if train else 0
             has_other = bool(a["caption"][p] != "")
             yield RawRow(shard=unit.index, corpus=-1, position=p, key=cached, teacher=_f32(a["emb"][p, v]),
@@ -321,17 +342,18 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        start, size = self.start_step, self.spec.batch_size
+        split, epoch, start = self.split, self.epoch, self.start_step  # one snapshot for the whole pass
+        size = self.spec.batch_size
         materialise = self._image_batch if self.spec.tower == "image" else self._text_batch
         b, batch = 0, []
-        for row in self.order():
+        for row in self.order(split, epoch):
             batch.append(row)
             if len(batch) == size:
                 # DataLoader asks worker 0 first, then 1, ...: the first batch after the resume point is worker 0's.
                 if b >= start and (b - start) % nw == wid:
                     yield materialise(batch)
                 b, batch = b + 1, []
-        if batch and not self.drop_last and b >= start and (b - start) % nw == wid:
+        if batch and split != "train" and b >= start and (b - start) % nw == wid:
             yield materialise(batch)
 
     def decode_image(self, row: RawRow):
@@ -416,15 +438,52 @@ def _shard_urls(cache: Cache, images: tuple[str, ...]) -> list[str]:
 def make_loader(spec: DataSpec, *, split: str, epoch: int, start_step: int = 0, workers: int = 0,
                 student_preprocess: dict | None = None, tokenizer: Callable | None = None,
                 teacher_preprocess: dict | None = None, return_texts: bool = False,
-                pin_memory: bool | None = None) -> torch.utils.data.DataLoader:
+                pin_memory: bool | None = None, persistent: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over `TrainStream`: the same batches in the same order for any `workers` (0 = in-process).
-    `teacher_preprocess` and `return_texts` add the online-distillation outputs described in `TrainStream`."""
+    `teacher_preprocess` and `return_texts` add the online-distillation outputs described in `TrainStream`.
+    `persistent` keeps the workers between passes (move the stream with `loader.dataset.set_position`); see
+    `EpochLoader`, which is how training uses it."""
     stream = TrainStream(spec, split=split, epoch=epoch, start_step=start_step,
                          student_preprocess=student_preprocess, tokenizer=tokenizer,
                          teacher_preprocess=teacher_preprocess, return_texts=return_texts)
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, persistent_workers=False)
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=persistent and workers > 0)
+
+
+class EpochLoader:
+    """Every pass of a training run (each epoch's training batches, each validation) from one DataLoader whose workers
+    are forked once and kept:
+
+        loader = EpochLoader(spec, workers=2, student_preprocess=..., tokenizer=...)   # before the optimizer exists
+        for batch in loader.start("train", epoch, start_step): ...
+        for batch in loader.start("val", 0): ...
+        loader.close()
+
+    A forked worker's resident set starts as a copy of its parent's page tables, so workers forked after training
+    has allocated gradients, optimizer state and the allocator's freed activations carry all of that in their RSS;
+    a new pair per epoch and per validation did (issue 5: peak tree RSS 1.5x the student alone at --workers 2).
+    Forked at the first `start`, before the first step, they carry only what the student-only loop's workers carry.
+    Batches are the same as `make_loader`'s for the same (split, epoch, start_step): the position is read by each
+    worker at the start of its pass, and batches a worker made for an abandoned pass are discarded by the
+    DataLoader when the next pass starts."""
+
+    def __init__(self, spec: DataSpec, *, workers: int = 0, **stream_kw):
+        self.loader = make_loader(spec, split="train", epoch=0, workers=workers, persistent=True, **stream_kw)
+        self.stream: TrainStream = self.loader.dataset
+
+    def start(self, split: str, epoch: int, start_step: int = 0) -> Iterator[dict]:
+        """The batches of `split` and `epoch` from `start_step` on; starting a pass abandons the previous one."""
+        self.stream.set_position(split, epoch, start_step)
+        return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the workers now rather than at garbage collection."""
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self.loader._iterator = None
 
 
 def count_rows(spec: DataSpec, split: str) -> int:

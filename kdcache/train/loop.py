@@ -15,6 +15,7 @@ teacher.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -34,7 +35,7 @@ from kdcache import __version__
 from kdcache.cache import schema
 from kdcache.cache.reader import Cache, open_cache
 from kdcache.precision import autocast
-from kdcache.train.data import DataSpec, count_rows, make_loader
+from kdcache.train.data import DataSpec, EpochLoader, count_rows
 from kdcache.train.losses import LossInputs, WeightedLoss, default_losses
 from kdcache.train.students import Student, build_student
 
@@ -368,107 +369,112 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
     total = cfg.max_steps if cfg.max_steps else epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
 
-    params = student.trainable_parameters()
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
-
     step, epoch, epoch_step = 0, 0, 0
-    if ckpt is not None:
-        student.load_state_dict(load_file(str(ckpt / "student.safetensors"), device=str(device)))
-        meta = json.loads((ckpt / "meta.json").read_text())
-        _restore_train_state(optimizer, scheduler, load_file(str(ckpt / "train_state.safetensors")),
-                             meta["train_state"])
-        step, epoch, epoch_step = meta["step"], meta["epoch"], meta["epoch_step"]
-        log.info("resuming from %s (step %d, epoch %d)", ckpt.name, step, epoch)
-    elif cfg.resume:
-        log.info("--resume: no checkpoint in %s yet, starting from step 0", run_dir)
-
-    _atomic_write_text(run_dir / CONFIG, json.dumps({
-        "config": resolved, "cache": cfg.cache, "cache_fingerprint": fingerprint, "student_config": student.config,
-        "student_preprocess": student.preprocess, "embed_dim": embed_dim, "logit_scale": scale,
-        "mode": "offline" if live is None else "online",
-        # the teacher the student learns from (export checks it); an online run also names the cache's
-        **({"teacher": cache.attrs["teacher"]} if live is None else
-           {"teacher": live.identity, "cache_teacher": cache.attrs["teacher"]}),
-        "tower": cfg.tower, "kdcache_version": __version__, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-    }, indent=2))
-    metrics = _Metrics(run_dir, step if ckpt is not None else None)
-    print(f"loss: {loss_fn.formula}  (temperature {cfg.temperature}); {rows} training rows, {steps_per_epoch} "
-          f"steps/epoch, {total} steps")
-
-    meta = {"cache_fingerprint": fingerprint, "tower": cfg.tower}
+    ckpt_meta = json.loads((ckpt / "meta.json").read_text()) if ckpt is not None else None
+    if ckpt_meta is not None:
+        step, epoch, epoch_step = ckpt_meta["step"], ckpt_meta["epoch"], ckpt_meta["epoch_step"]
+    # The data workers fork here, once for the whole run, before the optimizer state exists (see EpochLoader).
     loader_kw = {"workers": cfg.workers, "student_preprocess": student.preprocess, "tokenizer": student.tokenizer,
                  **(live.loader if live is not None else {})}
-    val_spec_kw = {"split": "val", "start_step": 0}
-    final_val: dict = {}
-    student.train()
-    bar = tqdm(total=total, initial=step, desc=f"train {cfg.tower}", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
-    try:
-        while step < total:
-            loader = make_loader(spec, split="train", epoch=epoch, start_step=epoch_step * cfg.accum_steps,
-                                 **loader_kw)
-            t0, seen = time.perf_counter(), 0
-            micro = 0
-            for batch in loader:
-                if targets is not None:
-                    batch = targets(batch)
-                x_in = _student_input(student, batch, device)
-                with autocast(device, precision):
-                    s = student(x_in)
-                terms = loss_fn(_to_inputs(batch, s, head, scale, cfg.temperature, device))
-                scaler.scale(terms["loss"] / cfg.accum_steps).backward()
-                micro += 1
-                seen += s.shape[0]
-                if micro % cfg.accum_steps:
-                    continue
-                scaler.unscale_(optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                epoch_step += 1
-                rate = seen / max(time.perf_counter() - t0, 1e-9)
-                row = {"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(gnorm), "samples_per_s": rate,
-                       **{k: float(v.detach()) for k, v in terms.items()}}
-                metrics.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{rate:.0f}")
-                bar.update(1)
-                end_of_epoch = epoch_step >= steps_per_epoch
-                if step % cfg.checkpoint_every == 0 and not end_of_epoch and step < total:
-                    save_checkpoint(run_dir, student=student, optimizer=optimizer, scheduler=scheduler, step=step,
-                                    epoch=epoch, epoch_step=epoch_step, meta=meta)
-                if end_of_epoch or step >= total:
-                    break
-            # epoch (or run) boundary: validate, checkpoint at the start of the next epoch
-            final_val = validate(student, loss_fn, make_loader(spec, epoch=0, **val_spec_kw, **loader_kw), head=head,
-                                 scale=scale, temperature=cfg.temperature, device=device, precision=precision,
-                                 targets=targets)
-            metrics.log({"kind": "val", "step": step, "epoch": epoch, **final_val})
-            metrics.write_csv()
-            log.info("epoch %d step %d: %s", epoch, step, ", ".join(f"{k}={v:.4f}" for k, v in final_val.items()
-                                                                      if isinstance(v, float)))
-            if epoch_step >= steps_per_epoch:
-                epoch, epoch_step = epoch + 1, 0
-            save_checkpoint(run_dir, student=student, optimizer=optimizer, scheduler=scheduler, step=step,
-                            epoch=epoch, epoch_step=epoch_step, meta=meta)
-    finally:
-        bar.close()
-        metrics.close()
-    final = run_dir / FINAL
-    final.mkdir(exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()},
-              str(final / "student.safetensors"))
-    _atomic_write_text(run_dir / DONE, json.dumps({"steps": step, "epochs": epoch, "val": final_val,
-                                                   "finished": time.time()}, indent=2))
-    return TrainResult(str(run_dir), step, epoch, final_val)
+    data = EpochLoader(spec, **loader_kw)
+    with contextlib.closing(data):
+        passes = data.start("train", epoch, epoch_step * cfg.accum_steps) if step < total else iter(())
+        params = student.trainable_parameters()
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total))
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
+
+        if ckpt is not None:
+            student.load_state_dict(load_file(str(ckpt / "student.safetensors"), device=str(device)))
+            _restore_train_state(optimizer, scheduler, load_file(str(ckpt / "train_state.safetensors")),
+                                 ckpt_meta["train_state"])
+            log.info("resuming from %s (step %d, epoch %d)", ckpt.name, step, epoch)
+        elif cfg.resume:
+            log.info("--resume: no checkpoint in %s yet, starting from step 0", run_dir)
+
+        _atomic_write_text(run_dir / CONFIG, json.dumps({
+            "config": resolved, "cache": cfg.cache, "cache_fingerprint": fingerprint, "student_config": student.config,
+            "student_preprocess": student.preprocess, "embed_dim": embed_dim, "logit_scale": scale,
+            "mode": "offline" if live is None else "online",
+            # the teacher the student learns from (export checks it); an online run also names the cache's
+            **({"teacher": cache.attrs["teacher"]} if live is None else
+               {"teacher": live.identity, "cache_teacher": cache.attrs["teacher"]}),
+            "tower": cfg.tower, "kdcache_version": __version__, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total,
+        }, indent=2))
+        metrics = _Metrics(run_dir, step if ckpt is not None else None)
+        print(f"loss: {loss_fn.formula}  (temperature {cfg.temperature}); {rows} training rows, {steps_per_epoch} "
+              f"steps/epoch, {total} steps")
+
+        meta = {"cache_fingerprint": fingerprint, "tower": cfg.tower}
+        final_val: dict = {}
+        student.train()
+        bar = tqdm(total=total, initial=step, desc=f"train {cfg.tower}", unit="step", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        try:
+            while step < total:
+                t0, seen = time.perf_counter(), 0
+                micro = 0
+                for batch in passes:
+                    if targets is not None:
+                        batch = targets(batch)
+                    x_in = _student_input(student, batch, device)
+                    with autocast(device, precision):
+                        s = student(x_in)
+                    terms = loss_fn(_to_inputs(batch, s, head, scale, cfg.temperature, device))
+                    scaler.scale(terms["loss"] / cfg.accum_steps).backward()
+                    micro += 1
+                    seen += s.shape[0]
+                    if micro % cfg.accum_steps:
+                        continue
+                    scaler.unscale_(optimizer)
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    step += 1
+                    epoch_step += 1
+                    rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    row = {"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": float(gnorm), "samples_per_s": rate,
+                           **{k: float(v.detach()) for k, v in terms.items()}}
+                    metrics.log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{rate:.0f}")
+                    bar.update(1)
+                    end_of_epoch = epoch_step >= steps_per_epoch
+                    if step % cfg.checkpoint_every == 0 and not end_of_epoch and step < total:
+                        save_checkpoint(run_dir, student=student, optimizer=optimizer, scheduler=scheduler, step=step,
+                                        epoch=epoch, epoch_step=epoch_step, meta=meta)
+                    if end_of_epoch or step >= total:
+                        break
+                # epoch (or run) boundary: validate, checkpoint at the start of the next epoch
+                final_val = validate(student, loss_fn, data.start("val", 0), head=head,
+                                     scale=scale, temperature=cfg.temperature, device=device, precision=precision,
+                                     targets=targets)
+                metrics.log({"kind": "val", "step": step, "epoch": epoch, **final_val})
+                metrics.write_csv()
+                log.info("epoch %d step %d: %s", epoch, step, ", ".join(f"{k}={v:.4f}" for k, v in final_val.items()
+                                                                          if isinstance(v, float)))
+                if epoch_step >= steps_per_epoch:
+                    epoch, epoch_step = epoch + 1, 0
+                save_checkpoint(run_dir, student=student, optimizer=optimizer, scheduler=scheduler, step=step,
+                                epoch=epoch, epoch_step=epoch_step, meta=meta)
+                if step < total:
+                    passes = data.start("train", epoch, epoch_step * cfg.accum_steps)
+        finally:
+            bar.close()
+            metrics.close()
+        final = run_dir / FINAL
+        final.mkdir(exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()},
+                  str(final / "student.safetensors"))
+        _atomic_write_text(run_dir / DONE, json.dumps({"steps": step, "epochs": epoch, "val": final_val,
+                                                       "finished": time.time()}, indent=2))
+        return TrainResult(str(run_dir), step, epoch, final_val)
 
 
 def load_run_student(run_dir: str | Path, *, device: str = "cpu") -> tuple[Student, dict]:
