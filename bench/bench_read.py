@@ -11,8 +11,11 @@ Setup (not timed): a cache is built (`kdcache build`, 2 views) with a tiny rando
 an uncompressed copy of it is written with zarr's own API (every array re-created with compressors=None).
 
 Configurations, interleaved (rotated per round, medians [min-max]):
-  text loader      `kdcache.train.data.make_loader`, text tower: cache reads + shuffle + tokenise, one epoch
+  text loader      `kdcache.train.data.make_loader`, text tower, one epoch: cache reads + shuffle + the cached caption
+                   tokens cut to the student's context (the students' tokenizer is the teacher's, as with a real
+                   CLIP teacher, so nothing is tokenised; see kdcache/cache/tokens.py)
   text loader raw  the same on the uncompressed copy
+  text loader tokenising   the same with the caption tokens not reused: open_clip's tokenizer runs in the loader
   image rows       the image tower's order stream: cache reads + tar members joined by key + shuffle, no decode
   image rows raw   the same on the uncompressed copy
   image loader     `make_loader`, image tower, at each student's size: + JPEG decode + crop replay + resize
@@ -116,6 +119,7 @@ def wide_tiny_teacher(tmp: Path, dim: int) -> str:
     """kdc-tiny-vit with embed_dim `dim`: tiny towers (fast to build) but cache rows the size of a real teacher's."""
     cfg = json.loads(TINY_TEACHER.read_text())
     cfg["model_cfg"]["embed_dim"] = dim
+    cfg["model_cfg"]["text_cfg"]["context_length"] = 77  # as real CLIP teachers: the cached tokens cover students' 77
     p = tmp / f"tiny-vit-{dim}.json"
     p.write_text(json.dumps(cfg))
     return str(p)
@@ -126,6 +130,12 @@ def drain_loader(loader) -> dict:
     for batch in loader:
         n += len(batch["teacher"])
     return {"n": n}
+
+
+def tokenising(loader):
+    """The loader with its stream's cached-token reuse switched off: open_clip's tokenizer runs per batch."""
+    loader.dataset.token_context = None
+    return loader
 
 
 def drain_rows(make_stream, epochs: int) -> dict:
@@ -310,6 +320,8 @@ def main(argv=None) -> dict:
                                                             tokenizer=text_tok)),
             "text loader raw": lambda: drain_loader(make_loader(spec(raw, "text"), split="train", epoch=0, workers=w,
                                                                 tokenizer=text_tok)),
+            "text loader tokenising": lambda: drain_loader(tokenising(make_loader(
+                spec(cache, "text"), split="train", epoch=0, workers=w, tokenizer=text_tok))),
             "image rows": lambda: drain_rows(lambda e: TrainStream(spec(cache, "image"), split="train", epoch=e,
                                                                    student_preprocess=pre0), args.row_epochs),
             "image rows raw": lambda: drain_rows(lambda e: TrainStream(spec(raw, "image"), split="train", epoch=e,
@@ -337,8 +349,10 @@ def main(argv=None) -> dict:
     rates = {k: spread([r["rate"] for r in v]) for k, v in runs.items()}
     pairs = {"text loader ÷ uncompressed": ("text loader", "text loader raw"),
              "image rows ÷ uncompressed": ("image rows", "image rows raw")}
+    pairs["text loader ÷ text loader tokenising"] = ("text loader", "text loader tokenising")
     for s in students["text"]:
         pairs[f"text loader ÷ step {s}"] = ("text loader", f"step {s}")
+        pairs[f"text loader tokenising ÷ step {s}"] = ("text loader tokenising", f"step {s}")
     for s in students["image"]:
         pairs[f"image rows ÷ step {s}"] = ("image rows", f"step {s}")
         pairs[f"image loader {s} ÷ step {s}"] = (f"image loader {s}", f"step {s}")
@@ -371,10 +385,12 @@ def main(argv=None) -> dict:
     ]
     for s in students["text"]:
         targets.append(target(f"cache-only loader ÷ {s} step", ratios[f"text loader ÷ step {s}"]["median"], ">=", 20,
-                              "text tower: cache reads + shuffle + tokenise"))
+                              "text tower: cache reads + shuffle + cached tokens"))
     for s in students["image"]:
         targets.append(target(f"image-path cache reads ÷ {s} step", ratios[f"image rows ÷ step {s}"]["median"], ">=",
-                              20, "image tower without decode: cache arrays + tar members joined by key"))
+                              20, "image tower without decode: cache arrays + tar members joined by key; the issue's "
+                              "20x is for the cache-only loader, the image tower is reported separately",
+                              judged=False))
     for s in students["image"]:
         targets.append(target(f"image loader ÷ {s} step", ratios[f"image loader {s} ÷ step {s}"]["median"], ">=", 0,
                               f"expected far less than the cache-only ratio; bound by {bound[s]}", judged=False))

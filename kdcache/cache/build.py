@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from kdcache import __version__
 from kdcache.cache import schema
+from kdcache.cache import tokens as cache_tokens
 from kdcache.cache.reader import plan_units
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
 from kdcache.cache.sources import (
@@ -291,10 +292,15 @@ class _Builder:
             lse = torch.logsumexp(logits, dim=1)
         return emb.cpu(), idx.to(torch.int32).cpu(), val.cpu(), lse.cpu()
 
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Teacher text embeddings (float32 [N, D]) and, when the cache stores them, the tokens they came from."""
         bs = self.cfg.batch_size
-        parts = [self.teacher.encode_texts(texts[i:i + bs]) for i in range(0, len(texts), bs)]
-        return torch.cat(parts) if parts else torch.empty(0, self.teacher.embed_dim)
+        tokens = [self.teacher.tokenizer(texts[i:i + bs]) for i in range(0, len(texts), bs)]
+        emb = [self.teacher.encode_tokens(t) for t in tokens]
+        emb = torch.cat(emb).numpy() if emb else np.empty((0, self.teacher.embed_dim), np.float32)
+        if self.tokens is None:
+            return emb, None
+        return emb, cache_tokens.store(torch.cat(tokens), self.tokens) if tokens else None
 
     # -- writing, overlapped with the next batch on one background thread
     def submit(self, fn, *args) -> None:
@@ -330,8 +336,10 @@ class _Builder:
                 data["lse"][pos, view] = lse.numpy()
         cap_rows = [i for i, c in enumerate(meta.captions) if c and meta.valid[i]]
         if cap_rows:
-            cap_emb = self.encode_texts([meta.captions[i] for i in cap_rows]).numpy()
+            cap_emb, cap_tokens = self.encode_texts([meta.captions[i] for i in cap_rows])
             data["caption_emb"][cap_rows] = schema.encode_embeddings(cap_emb, self.cfg.embed_dtype)
+            if cap_tokens is not None:
+                data["caption_tokens"][cap_rows] = cap_tokens
         rejected = Counter(r.reason for r in meta.rejects)
         failed = meta.report.truncated or meta.report.error is not None
         status = {
@@ -390,7 +398,10 @@ class _Builder:
             else:
                 rejects.append(item)
         if texts:
-            data["emb"][rows] = schema.encode_embeddings(self.encode_texts(texts).numpy(), self.cfg.embed_dtype)
+            emb, tokens = self.encode_texts(texts)
+            data["emb"][rows] = schema.encode_embeddings(emb, self.cfg.embed_dtype)
+            if tokens is not None:
+                data["tokens"][rows] = tokens
         rejected = Counter(r.reason for r in rejects)
         status = {"unit": unit.name, "kind": CAPTIONS, "source": unit.source, "state": schema.STATUS_DONE,
                   "rows": n, "valid": len(rows), "rejected": dict(rejected), "rejects": [asdict(r) for r in rejects],
@@ -442,8 +453,10 @@ class _Builder:
         if self.head is not None:  # float32 [C, D], kept on the teacher's device where the logits are computed
             self.head = self.head.to(self.teacher.device, torch.float32)
         dim = self.teacher.embed_dim
-        self.image_specs = schema.image_arrays(views=cfg.views, dim=dim, topk=self.topk, embed_dtype=cfg.embed_dtype)
-        self.caption_specs = schema.caption_arrays(dim=dim, embed_dtype=cfg.embed_dtype)
+        self.tokens = cache_tokens.describe(self.teacher.tokenizer)  # None: this tokenizer's tokens are not stored
+        self.image_specs = schema.image_arrays(views=cfg.views, dim=dim, topk=self.topk, embed_dtype=cfg.embed_dtype,
+                                               tokens=self.tokens)
+        self.caption_specs = schema.caption_arrays(dim=dim, embed_dtype=cfg.embed_dtype, tokens=self.tokens)
 
         attrs = {
             "schema_version": schema.SCHEMA_VERSION,
@@ -453,7 +466,7 @@ class _Builder:
             "preprocess": self.teacher.preprocess,
             "embed_dim": dim,
             "logit_scale": float(self.teacher.logit_scale),
-            "build": resolved_build(cfg, threads, self.teacher.precision, self.topk),
+            "build": {**resolved_build(cfg, threads, self.teacher.precision, self.topk), "tokens": self.tokens},
             "inputs": {"images": urls, "captions": [c["spec"] for c in corpora],
                        "caption_records": [c["records"] for c in corpora]},
             "versions": library_versions(),
@@ -552,6 +565,8 @@ class _Builder:
                                        attributes={"classes_source": classes_src, "templates_source": templates_src})
             attrs["capabilities"] = _capabilities(bool(attrs["inputs"]["images"]), bool(attrs["inputs"]["captions"]),
                                                   self.head is not None) + schema.embed_capabilities(cfg.embed_dtype)
+            if self.tokens is not None:
+                attrs["capabilities"].append(schema.CAP_TOKENS)
             attrs["required_capabilities"] = [c for c in attrs["capabilities"] if c in schema.MUST_UNDERSTAND]
             root.attrs[schema.ROOT_ATTR] = attrs
         dist.barrier()

@@ -36,7 +36,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 1
+SCHEMA_MINOR = 2
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 ROOT_ATTR = "kdcache"
@@ -53,7 +53,8 @@ CAP_LOGITS = "logits"            # vocab/ head + per-view topk/lse
 CAP_LABELS = "labels"            # at least one image row has a label
 CAP_PAIRED = "paired_captions"   # at least one image row has a caption and its teacher text embedding
 CAP_INT8 = "int8_embeddings"     # 1.1: EMBEDDING_ARRAYS hold int8 codes; read them through decode_embeddings
-KNOWN_CAPABILITIES = (CAP_IMAGES, CAP_CAPTIONS, CAP_LOGITS, CAP_LABELS, CAP_PAIRED, CAP_INT8)
+CAP_TOKENS = "tokens"            # 1.2: the teacher tokenizer's caption tokens (kdcache.cache.tokens; build["tokens"])
+KNOWN_CAPABILITIES = (CAP_IMAGES, CAP_CAPTIONS, CAP_LOGITS, CAP_LABELS, CAP_PAIRED, CAP_INT8, CAP_TOKENS)
 # Capabilities that change how existing arrays must be read: a cache lists the ones it uses in the root's
 # "required_capabilities", and a reader refuses a cache that requires one it does not know (instead of, say, reading
 # int8 codes as numbers). Purely additive capabilities (new optional arrays) are never required.
@@ -139,9 +140,15 @@ def _embedding_spec(name: str, inner: tuple[int, ...], embed_dtype: str) -> Arra
     return ArraySpec(name, dtype, inner, INT8_UNWRITTEN if dtype == "int8" else NAN, False)
 
 
-def image_arrays(*, views: int, dim: int, topk: int, embed_dtype: str) -> dict[str, ArraySpec]:
+def _token_specs(name: str, tokens: dict | None) -> list[ArraySpec]:
+    """The caption-token array when the build stores tokens (`tokens` is build["tokens"]); 0 = padding/none."""
+    return [] if not tokens else [ArraySpec(name, tokens["dtype"], (tokens["context_length"],), 0, False)]
+
+
+def image_arrays(*, views: int, dim: int, topk: int, embed_dtype: str,
+                 tokens: dict | None = None) -> dict[str, ArraySpec]:
     """Arrays of an image shard unit. Rows are sample positions in the shard; rejected rows have valid=False."""
-    specs = [
+    specs = _token_specs("caption_tokens", tokens) + [
         ArraySpec("key", str, (), "", True),
         ArraySpec("valid", "bool", (), False, True),
         ArraySpec("label", "int32", (), -1, True),
@@ -161,9 +168,9 @@ def image_arrays(*, views: int, dim: int, topk: int, embed_dtype: str) -> dict[s
     return {s.name: s for s in specs}
 
 
-def caption_arrays(*, dim: int, embed_dtype: str) -> dict[str, ArraySpec]:
+def caption_arrays(*, dim: int, embed_dtype: str, tokens: dict | None = None) -> dict[str, ArraySpec]:
     """Arrays of a caption block unit. Row r = record start + r; rejected rows have valid=False."""
-    specs = [
+    specs = _token_specs("tokens", tokens) + [
         ArraySpec("index", "int64", (), -1, True),   # record index in the corpus (line index or annotation index)
         ArraySpec("valid", "bool", (), False, True),
         ArraySpec("text", str, (), "", True),

@@ -98,8 +98,12 @@ class Teacher:
         """L2-normalised float32 text embeddings on the CPU, [B, D] (open_clip's tokenizer truncates to context)."""
         if len(texts) == 0:
             return torch.empty(0, self.embed_dim)
+        return self.encode_tokens(self.tokenizer(list(texts)))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`encode_texts` from the tokenizer's output [B, context] (int64)."""
         with torch.inference_mode(), self.autocast():
-            feats = self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+            feats = self.model.encode_text(tokens.to(self.device))
             return F.normalize(feats.float(), dim=-1).cpu()
 
     def zero_shot_head(self, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:

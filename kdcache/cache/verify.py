@@ -49,8 +49,9 @@ class VerifyReport:
 def unit_specs(cache: Cache, unit: Unit) -> dict[str, schema.ArraySpec]:
     b = cache.attrs["build"]
     if unit.kind == IMAGES:
-        return schema.image_arrays(views=b["views"], dim=cache.embed_dim, topk=b["topk"], embed_dtype=b["embed_dtype"])
-    return schema.caption_arrays(dim=cache.embed_dim, embed_dtype=b["embed_dtype"])
+        return schema.image_arrays(views=b["views"], dim=cache.embed_dim, topk=b["topk"], embed_dtype=b["embed_dtype"],
+                                   tokens=b.get("tokens"))
+    return schema.caption_arrays(dim=cache.embed_dim, embed_dtype=b["embed_dtype"], tokens=b.get("tokens"))
 
 
 def expected_chunk_keys(arr: zarr.Array, prefix: str) -> list[str]:
@@ -137,6 +138,22 @@ def _check_unit(cache: Cache, unit: Unit, st: dict, keys: set[str], rep: VerifyR
     if unit.kind == IMAGES and "caption_emb" in data and "caption" in data:
         has_cap = valid & (data["caption"] != "")
         _check_stored_embeddings(data["caption_emb"], has_cap, f"{where}: array {unit.data_path}/caption_emb", rep)
+    tokens = cache.attrs["build"].get("tokens")
+    name, expect = (("caption_tokens", valid & (data["caption"] != "")) if unit.kind == IMAGES and "caption" in data
+                    else ("tokens", valid))
+    if tokens and name in data:
+        _check_tokens(data[name], expect, tokens["eot"], f"{where}: array {unit.data_path}/{name}", rep)
+
+
+def _check_tokens(rows: np.ndarray, expect: np.ndarray, eot: int, where: str, rep: VerifyReport) -> None:
+    """Rows of captions must hold a token sequence (ending with the end token); other rows must be all padding."""
+    has_eot = (rows == eot).any(axis=1)
+    bad = np.flatnonzero(expect & ~has_eot)
+    if bad.size:
+        rep.problems.append(f"{where}: rows {bad[:10].tolist()} have a caption but no token sequence")
+    stray = np.flatnonzero(~expect & (rows != 0).any(axis=1))
+    if stray.size:
+        rep.problems.append(f"{where}: rows {stray[:10].tolist()} have no caption but hold tokens")
 
 
 def _check_stored_embeddings(stored: np.ndarray, expect: np.ndarray, where: str, rep: VerifyReport) -> None:

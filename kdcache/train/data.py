@@ -34,6 +34,7 @@ import torch
 from open_clip.transform import PreprocessCfg
 
 from kdcache.cache import schema
+from kdcache.cache import tokens as cache_tokens
 from kdcache.cache.reader import Cache, CacheError, open_cache
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
 from kdcache.cache.sources import RawSample, RejectError, ShardReport, expand_urls, iter_shard, parse_sample
@@ -123,6 +124,7 @@ class RawRow:
     flip: bool = False
     members: dict[str, bytes] = field(default_factory=dict)  # image tower: the sample's tar members
     text: str = ""                                             # text tower: the caption
+    tokens: np.ndarray | None = None                           # text tower: the cached tokens, when reused
 
 
 def _usable_units(cache: Cache, kind: str) -> list[Unit]:
@@ -135,6 +137,12 @@ def _usable_units(cache: Cache, kind: str) -> list[Unit]:
             continue
         units.append(u)
     return units
+
+
+def _captioned_units(cache: Cache) -> list[Unit]:
+    """Image units with at least one paired caption (their status counts them): the text tower skips the others
+    without reading their arrays."""
+    return [u for u in _usable_units(cache, IMAGES) if (cache.status(u) or {}).get("captions", 1)]
 
 
 def _shuffled(rows: Iterable[RawRow], size: int, rng: np.random.Generator) -> Iterator[RawRow]:
@@ -219,6 +227,12 @@ class TrainStream(torch.utils.data.IterableDataset):
             raise DataError("teacher_preprocess renders teacher views of images; the text tower has none")
         elif tokenizer is None:
             raise DataError("the text tower needs the student's tokenizer (tokenizer=open_clip.get_tokenizer(...))")
+        # Text tower: the build's stored tokens replace the tokenizer when they are provably what it would give.
+        recorded = cache.attrs["build"].get("tokens") if spec.tower == "text" else None
+        self.token_context = cache_tokens.reusable_context(recorded, tokenizer) if recorded else None
+        self.eot = recorded["eot"] if self.token_context else None
+        if recorded and self.token_context is None:
+            log.info("the student's tokenizer differs from the teacher's: captions are tokenised while loading")
 
     def set_position(self, split: str, epoch: int, start_step: int = 0) -> None:
         """Serve `split` of `epoch` from batch `start_step` on, from the next `iter()` of the stream or its loader."""
@@ -265,7 +279,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         if self.spec.tower == "image":
             units = _usable_units(cache, IMAGES)
         else:
-            units = _usable_units(cache, IMAGES) + _usable_units(cache, CAPTIONS)
+            units = _captioned_units(cache) + _usable_units(cache, CAPTIONS)
         if train:
             rng = np.random.default_rng([self.spec.seed, epoch, _UNIT_ORDER])
             units = [units[i] for i in rng.permutation(len(units)).tolist()]
@@ -283,23 +297,27 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield from self._image_rows(cache, unit, split, epoch)
 
     def _corpus_rows(self, cache: Cache, unit: Unit, split: str) -> Iterator[RawRow]:
-        a = cache.read(unit, ["index", "valid", "text", "emb"])
+        reuse = self.token_context is not None
+        a = cache.read(unit, ["index", "valid", "text", "emb"] + (["tokens"] if reuse else []))
         nan = np.full(cache.embed_dim, np.nan, np.float32)
         for r in np.flatnonzero(a["valid"]).tolist():
             index = int(a["index"][r])
             key = caption_key(unit.index, index)
             if split_of(key, self.spec.val_fraction) == split:
                 yield RawRow(shard=-1, corpus=unit.index, position=index, key=key, teacher=_f32(a["emb"][r]),
-                             other=nan, has_other=False, label=-1, text=str(a["text"][r]))
+                             other=nan, has_other=False, label=-1, text=str(a["text"][r]),
+                             tokens=a["tokens"][r].copy() if reuse else None)
 
     def _paired_caption_rows(self, cache: Cache, unit: Unit, split: str) -> Iterator[RawRow]:
-        a = cache.read(unit, ["key", "valid", "label", "caption", "caption_emb", "emb"])
+        reuse = self.token_context is not None
+        a = cache.read(unit, ["key", "valid", "label", "caption", "caption_emb", "emb"]
+                       + (["caption_tokens"] if reuse else []))
         for p in np.flatnonzero(a["valid"] & (a["caption"] != "")).tolist():
             key = str(a["key"][p])
             if split_of(key, self.spec.val_fraction) == split:
                 yield RawRow(shard=unit.index, corpus=-1, position=p, key=key, teacher=_f32(a["caption_emb"][p]),
                              other=_f32(a["emb"][p, 0]), has_other=True, label=int(a["label"][p]),
-                             text=str(a["caption"][p]))
+                             text=str(a["caption"][p]), tokens=a["caption_tokens"][p].copy() if reuse else None)
 
     def _image_rows(self, cache: Cache, unit: Unit, split: str, epoch: int) -> Iterator[RawRow]:
         """The shard's tar streamed in order and joined to the cache rows by position, checking every key."""
@@ -408,7 +426,11 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def _text_batch(self, rows: list[RawRow]) -> dict:
         texts = [r.text for r in rows]
-        tokens = self.tokenizer(texts)
+        if self.token_context is not None:
+            tokens = torch.from_numpy(cache_tokens.fit(np.stack([r.tokens for r in rows]), self.token_context,
+                                                       eot=self.eot))
+        else:
+            tokens = self.tokenizer(texts)
         return {"tokens": torch.as_tensor(tokens, dtype=torch.int64), **self._common(rows),
                 "corpus": torch.tensor([r.corpus for r in rows], dtype=torch.int64),
                 **({"texts": texts} if self.return_texts else {})}
@@ -492,7 +514,7 @@ def count_rows(spec: DataSpec, split: str) -> int:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     cache = _open(spec)
     n = 0
-    for unit in _usable_units(cache, IMAGES):
+    for unit in _captioned_units(cache) if spec.tower == "text" else _usable_units(cache, IMAGES):
         names = ["key", "valid"] + (["caption"] if spec.tower == "text" else [])
         a = cache.read(unit, names)
         keep = a["valid"] & (a["caption"] != "") if spec.tower == "text" else a["valid"]
