@@ -3,6 +3,7 @@
     python bench/run_all.py --quick          # smoke: every bench at its --quick size, ~2-3 minutes on 2 CPU cores
     python bench/run_all.py                  # the sizes below, about 10 minutes on a quiet 2-core machine
     python bench/run_all.py --only build read --extra read=--workers=1
+    python bench/run_all.py --shared ../shared   # also: bytes on the real kdc-cifar10-rn18 teacher + CIFAR-10 test
 
 Each bench runs as its own subprocess (`python bench/bench_X.py --out bench/results/X.json [--quick]`), its output
 shown live and kept in bench/results/tmp/X.log. A bench whose script does not exist yet is skipped with a note; one
@@ -235,13 +236,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                     help="extra arguments for one bench, e.g. read=--workers=1 (comma-separated)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per bench before it is killed")
+    ap.add_argument("--shared", default=os.environ.get("KDCACHE_SHARED"), metavar="DIR",
+                    help="a directory with teachers/kdc-cifar10-rn18 and data/cifar10 (default: $KDCACHE_SHARED): "
+                         "adds 'bytes-real', the lossy-storage bench on that trained teacher and real images, the "
+                         "one that can judge zero-shot agreement")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"))
     args = ap.parse_args(argv)
+    benches = list(BENCHES)
+    if args.shared:
+        shared = Path(args.shared).resolve()
+        benches.append(("bytes-real", "bench_bytes.py", [
+            "--teacher", f"local-dir:{shared / 'teachers' / 'kdc-cifar10-rn18'}",
+            "--images", str(shared / "data" / "cifar10" / "cifar10-test-000.tar"), "--classes", "cifar10",
+            "--limit", "2000", "--steps", "200"]))
     extra: dict[str, list[str]] = {}
     for e in args.extra:
         name, _, rest = e.partition("=")
         extra.setdefault(name, []).extend(a for a in rest.split(",") if a)
-    known = {b[0] for b in BENCHES}
+    known = {b[0] for b in benches}
     for name in [*(args.only or []), *args.skip, *extra]:
         if name not in known:
             raise SystemExit(f"unknown bench {name!r}; known: {', '.join(sorted(known))}")
@@ -250,10 +262,12 @@ def main(argv=None) -> dict:
     report = {"started": started, "quick": args.quick, "command": " ".join(["python", "bench/run_all.py",
                                                                             *(argv or sys.argv[1:])]),
               "machine": machine_info(), "benches": {}}
-    for name, script, full_args in BENCHES:
+    for name, script, full_args in benches:
         if (args.only and name not in args.only) or name in args.skip:
             continue
-        report["benches"][name] = run_bench(name, script, ([] if args.quick else full_args) + extra.get(name, []),
+        # bytes-real's arguments name its inputs, so they are kept with --quick too
+        keep = not args.quick or name == "bytes-real"
+        report["benches"][name] = run_bench(name, script, (full_args if keep else []) + extra.get(name, []),
                                             quick=args.quick, timeout=args.timeout)
     report["seconds"] = time.time() - started
     report["finished"] = time.time()
