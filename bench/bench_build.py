@@ -125,7 +125,8 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 def targets_table(targets: list[dict]) -> str:
     verdict = {True: "met", False: "NOT met", None: "not judged here"}
     return md_table(["target", "value", "wanted", "verdict", "note"],
-                    [[t["name"], "-" if t["value"] is None else f"{t['value']:.3f}", t["target"], verdict[t["met"]],
+                    [[t["name"], "-" if t["value"] is None else f"{t['value']:.6g}" if 0.99 < t["value"] < 1
+                      else f"{t['value']:.3f}", t["target"], verdict[t["met"]],
                       t["note"]] for t in targets])
 
 

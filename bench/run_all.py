@@ -172,6 +172,8 @@ def _fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
+        if 0.99 < v < 1:  # cosines and agreements: 3 significant digits would round them all to "1"
+            return f"{v:.6f}".rstrip("0")
         return f"{v:.3g}"
     return str(v)
 

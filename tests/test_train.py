@@ -82,6 +82,21 @@ def test_training_moves_the_student_toward_the_teacher(cache, tmp_path):
     assert res.steps == 40
 
 
+def test_workers_persist_across_epochs_and_validation_without_changing_the_run(cache, tmp_path):
+    """Several epochs, each with a validation pass, from one pool of 2 workers: the same weights and metrics as
+    in-process loading (workers that missed an epoch change would replay epoch 0's batches and views)."""
+    runs = {}
+    for w in (0, 2):
+        res = run(_cfg(cache, tmp_path / f"w{w}", max_steps=None, epochs=3, workers=w, losses=(("cosine", 1.0),)))
+        rows = [json.loads(x) for x in (tmp_path / f"w{w}" / "metrics.jsonl").read_text().splitlines()]
+        runs[w] = (res, _final(tmp_path / f"w{w}"),
+                   [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows])
+    (r0, f0, m0), (r2, f2, m2) = runs[0], runs[2]
+    assert r0.epochs_done == r2.epochs_done == 3 and sum(r["kind"] == "val" for r in m0) == 3
+    assert m0 == m2
+    assert all(torch.equal(f0[k], f2[k]) for k in f0)
+
+
 def test_the_teacher_is_never_imported(cache, tmp_path):
     code = f"""
 import sys
