@@ -15,7 +15,8 @@ How the order stays the same whatever `workers` is, while every read stays seque
    DataLoader with batch_size=None round-robins over its workers, so it returns batches 0, 1, 2, ... in order.
 3. Resuming at step k skips the first k batches without materialising them.
 
-Memory is bounded by the shuffle buffer and one unit's cache arrays, never by the dataset. Validation reads units in
+Memory is bounded by the shuffle buffer and a few units' cache arrays (the text tower's rows refer to their unit's
+arrays until they leave the buffer), never by the dataset. Validation reads units in
 cache order without shuffling and uses view 0, so it sees the same batches every epoch.
 
 This module never imports the teacher (nor the build, which does): everything it needs is in the cache.
@@ -28,6 +29,7 @@ import logging
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +43,7 @@ from kdcache.cache.sources import RawSample, RejectError, ShardReport, expand_ur
 from kdcache.cache.views import eval_transform_uint8, render_view
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TOWERS = ("image", "text")
 SPLITS = ("train", "val")
@@ -108,23 +111,38 @@ def choose_view(*, seed: int, epoch: int, shard: int, position: int, views: int)
 
 @dataclass(slots=True)
 class RawRow:
-    """One row of the order stream: everything from the cache, plus the undecoded tar members (image tower) or the
-    caption text (text tower). Nothing expensive has happened to it yet."""
+    """One row of the image tower's order stream: everything from the cache, plus the sample's undecoded tar members.
+    Nothing expensive has happened to it yet."""
 
-    shard: int                     # image shard index, -1 for caption-corpus rows
-    corpus: int                    # caption corpus index, -1 for rows of image shards
-    position: int                  # row in the shard, or record index in the corpus
-    key: str                       # the split key
-    teacher: np.ndarray            # float32 [D] teacher embedding of this row (the chosen view / the caption)
-    other: np.ndarray              # float32 [D] teacher embedding of the paired other modality, NaN when none
+    shard: int                     # image shard index
+    position: int                  # row in the shard
+    key: str                       # __key__, also the split key
+    teacher: np.ndarray            # float32 [D] teacher embedding of the chosen view
+    other: np.ndarray              # float32 [D] teacher embedding of the paired caption, NaN when none
     has_other: bool
     label: int                     # -1 when none
     view: int = 0
     box: tuple[int, int, int, int] = (0, 0, 0, 0)
     flip: bool = False
-    members: dict[str, bytes] = field(default_factory=dict)  # image tower: the sample's tar members
-    text: str = ""                                             # text tower: the caption
-    tokens: np.ndarray | None = None                           # text tower: the cached tokens, when reused
+    members: dict[str, bytes] = field(default_factory=dict)  # the sample's tar members
+    text: str = ""                                             # the paired caption (with return_texts)
+
+
+@dataclass(slots=True, eq=False)
+class CaptionBlock:
+    """The text tower's rows of one unit (a caption block, or an image shard's paired captions) for one split, as
+    arrays in their stored dtype. The text tower's order stream passes rows as (block, j) pairs: per row it makes a
+    tuple, not a RawRow with copied arrays (that per-row work was most of the text loader's time); a block is freed
+    once no pair in the shuffle buffer or a pending batch refers to it, so a pass holds a few units at a time."""
+
+    shard: int                     # image shard index, -1 for a caption block
+    corpus: int                    # caption corpus index, -1 for an image shard
+    position: list[int]            # per row: position in the shard, or record index in the corpus
+    label: list[int]               # -1 when none
+    texts: list[str]
+    teacher: np.ndarray            # [n, D] the caption's teacher embedding
+    other: np.ndarray | None       # [n, D] the paired image's view-0 embedding; None for corpus rows
+    tokens: np.ndarray | None      # [n, C] the stored tokens, when the student's tokenizer reuses them
 
 
 def _usable_units(cache: Cache, kind: str) -> list[Unit]:
@@ -145,9 +163,9 @@ def _captioned_units(cache: Cache) -> list[Unit]:
     return [u for u in _usable_units(cache, IMAGES) if (cache.status(u) or {}).get("captions", 1)]
 
 
-def _shuffled(rows: Iterable[RawRow], size: int, rng: np.random.Generator) -> Iterator[RawRow]:
+def _shuffled(rows: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
     """A fixed-size shuffle buffer: once full, each incoming row replaces (and releases) a random resident one."""
-    buf: list[RawRow] = []
+    buf: list[T] = []
     picks: Iterator[int] = iter(())
     for row in rows:
         if len(buf) < size:
@@ -269,9 +287,9 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     # ------------------------------------------------------------------------------------------ the order stream
 
-    def order(self, split: str | None = None, epoch: int | None = None) -> Iterator[RawRow]:
+    def order(self, split: str | None = None, epoch: int | None = None) -> Iterator[RawRow | tuple[CaptionBlock, int]]:
         """The rows of `split` and `epoch` (default: the stream's position) in batch order, unmaterialised: identical in
-        every process that computes it."""
+        every process that computes it. Image tower: RawRow; text tower: (CaptionBlock, row) pairs."""
         split = self.split if split is None else split
         epoch = self.epoch if epoch is None else epoch
         cache = _open(self.spec)
@@ -288,36 +306,34 @@ class TrainStream(torch.utils.data.IterableDataset):
             rows = _shuffled(rows, self.spec.buffer, np.random.default_rng([self.spec.seed, epoch, _BUFFER]))
         yield from rows
 
-    def _unit_rows(self, cache: Cache, unit: Unit, split: str, epoch: int) -> Iterator[RawRow]:
-        if unit.kind == CAPTIONS:
-            yield from self._corpus_rows(cache, unit, split)
-        elif self.spec.tower == "text":
-            yield from self._paired_caption_rows(cache, unit, split)
-        else:
+    def _unit_rows(self, cache: Cache, unit: Unit, split: str, epoch: int) -> Iterator:
+        if self.spec.tower == "image":
             yield from self._image_rows(cache, unit, split, epoch)
+            return
+        block = self._corpus_block(cache, unit, split) if unit.kind == CAPTIONS else self._paired_block(cache, unit,
+                                                                                                          split)
+        for j in range(len(block.position)):
+            yield block, j
 
-    def _corpus_rows(self, cache: Cache, unit: Unit, split: str) -> Iterator[RawRow]:
+    def _corpus_block(self, cache: Cache, unit: Unit, split: str) -> CaptionBlock:
         reuse = self.token_context is not None
         a = cache.read(unit, ["index", "valid", "text", "emb"] + (["tokens"] if reuse else []))
-        nan = np.full(cache.embed_dim, np.nan, np.float32)
-        for r in np.flatnonzero(a["valid"]).tolist():
-            index = int(a["index"][r])
-            key = caption_key(unit.index, index)
-            if split_of(key, self.spec.val_fraction) == split:
-                yield RawRow(shard=-1, corpus=unit.index, position=index, key=key, teacher=_f32(a["emb"][r]),
-                             other=nan, has_other=False, label=-1, text=str(a["text"][r]),
-                             tokens=a["tokens"][r].copy() if reuse else None)
+        rows = np.flatnonzero(a["valid"])
+        rows = rows[[split_of(caption_key(unit.index, i), self.spec.val_fraction) == split
+                     for i in a["index"][rows].tolist()]]
+        return CaptionBlock(shard=-1, corpus=unit.index, position=a["index"][rows].tolist(), label=[-1] * len(rows),
+                            texts=a["text"][rows].tolist(), teacher=a["emb"][rows], other=None,
+                            tokens=a["tokens"][rows] if reuse else None)
 
-    def _paired_caption_rows(self, cache: Cache, unit: Unit, split: str) -> Iterator[RawRow]:
+    def _paired_block(self, cache: Cache, unit: Unit, split: str) -> CaptionBlock:
         reuse = self.token_context is not None
         a = cache.read(unit, ["key", "valid", "label", "caption", "caption_emb", "emb"]
                        + (["caption_tokens"] if reuse else []))
-        for p in np.flatnonzero(a["valid"] & (a["caption"] != "")).tolist():
-            key = str(a["key"][p])
-            if split_of(key, self.spec.val_fraction) == split:
-                yield RawRow(shard=unit.index, corpus=-1, position=p, key=key, teacher=_f32(a["caption_emb"][p]),
-                             other=_f32(a["emb"][p, 0]), has_other=True, label=int(a["label"][p]),
-                             text=str(a["caption"][p]), tokens=a["caption_tokens"][p].copy() if reuse else None)
+        rows = np.flatnonzero(a["valid"] & (a["caption"] != ""))
+        rows = rows[[split_of(k, self.spec.val_fraction) == split for k in a["key"][rows].tolist()]]
+        return CaptionBlock(shard=unit.index, corpus=-1, position=rows.tolist(), label=a["label"][rows].tolist(),
+                            texts=a["caption"][rows].tolist(), teacher=a["caption_emb"][rows],
+                            other=a["emb"][rows, 0], tokens=a["caption_tokens"][rows] if reuse else None)
 
     def _image_rows(self, cache: Cache, unit: Unit, split: str, epoch: int) -> Iterator[RawRow]:
         """The shard's tar streamed in order and joined to the cache rows by position, checking every key."""
@@ -345,7 +361,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             v = choose_view(seed=self.spec.seed, epoch=epoch, shard=unit.index, position=p,
                             views=self.views) if train else 0
             has_other = bool(a["caption"][p] != "")
-            yield RawRow(shard=unit.index, corpus=-1, position=p, key=cached, teacher=_f32(a["emb"][p, v]),
+            yield RawRow(shard=unit.index, position=p, key=cached, teacher=_f32(a["emb"][p, v]),
                          other=_f32(a["caption_emb"][p]), has_other=has_other, label=int(a["label"][p]), view=v,
                          box=tuple(int(x) for x in a["view_box"][p, v]), flip=bool(a["view_flip"][p, v]),
                          members=raw.members, text=str(a["caption"][p]) if self.return_texts else "")
@@ -424,16 +440,42 @@ class TrainStream(torch.utils.data.IterableDataset):
         return {"pixels": pixels, **self._common(rows), "view": torch.tensor([r.view for r in rows], dtype=torch.int64),
                 **extra}
 
-    def _text_batch(self, rows: list[RawRow]) -> dict:
-        texts = [r.text for r in rows]
+    def _text_batch(self, rows: list[tuple[CaptionBlock, int]]) -> dict:
+        # Rows grouped by block, so each array is gathered with one fancy index per block rather than row by row.
+        groups: dict[int, tuple[CaptionBlock, list[int], list[int]]] = {}
+        for i, (blk, j) in enumerate(rows):
+            g = groups.get(id(blk))
+            if g is None:
+                g = groups[id(blk)] = (blk, [], [])
+            g[1].append(i)
+            g[2].append(j)
+
+        def gather(name: str, width: int, fill, dtype) -> np.ndarray:
+            out = np.full((len(rows), width), fill, dtype)
+            for blk, ii, jj in groups.values():
+                arr = getattr(blk, name)
+                if arr is not None:
+                    out[ii] = arr[jj]
+            return out
+
+        dim = rows[0][0].teacher.shape[1]
+        texts = [blk.texts[j] for blk, j in rows]
         if self.token_context is not None:
-            tokens = torch.from_numpy(cache_tokens.fit(np.stack([r.tokens for r in rows]), self.token_context,
-                                                       eot=self.eot))
+            stored = gather("tokens", rows[0][0].tokens.shape[1], 0, np.int64)
+            tokens = torch.from_numpy(cache_tokens.fit(stored, self.token_context, eot=self.eot))
         else:
-            tokens = self.tokenizer(texts)
-        return {"tokens": torch.as_tensor(tokens, dtype=torch.int64), **self._common(rows),
-                "corpus": torch.tensor([r.corpus for r in rows], dtype=torch.int64),
-                **({"texts": texts} if self.return_texts else {})}
+            tokens = torch.as_tensor(self.tokenizer(texts), dtype=torch.int64)
+        return {
+            "tokens": tokens,
+            "teacher": torch.from_numpy(gather("teacher", dim, np.nan, np.float32)),
+            "other": torch.from_numpy(gather("other", dim, np.nan, np.float32)),
+            "has_other": torch.tensor([blk.other is not None for blk, _ in rows], dtype=torch.bool),
+            "labels": torch.tensor([blk.label[j] for blk, j in rows], dtype=torch.int64),
+            "shard": torch.tensor([blk.shard for blk, _ in rows], dtype=torch.int64),
+            "position": torch.tensor([blk.position[j] for blk, j in rows], dtype=torch.int64),
+            "corpus": torch.tensor([blk.corpus for blk, _ in rows], dtype=torch.int64),
+            **({"texts": texts} if self.return_texts else {}),
+        }
 
 
 def _open(spec: DataSpec) -> Cache:
