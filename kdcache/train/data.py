@@ -137,9 +137,9 @@ class CaptionBlock:
 
     shard: int                     # image shard index, -1 for a caption block
     corpus: int                    # caption corpus index, -1 for an image shard
-    position: list[int]            # per row: position in the shard, or record index in the corpus
-    label: list[int]               # -1 when none
-    texts: list[str]
+    position: np.ndarray           # int64 [n] position in the shard, or record index in the corpus
+    label: np.ndarray              # int64 [n], -1 when none
+    texts: list[str] | None        # None when nothing needs them (tokens reused and no return_texts)
     teacher: np.ndarray            # [n, D] the caption's teacher embedding
     other: np.ndarray | None       # [n, D] the paired image's view-0 embedding; None for corpus rows
     tokens: np.ndarray | None      # [n, C] the stored tokens, when the student's tokenizer reuses them
@@ -316,24 +316,29 @@ class TrainStream(torch.utils.data.IterableDataset):
             yield block, j
 
     def _corpus_block(self, cache: Cache, unit: Unit, split: str) -> CaptionBlock:
-        reuse = self.token_context is not None
-        a = cache.read(unit, ["index", "valid", "text", "emb"] + (["tokens"] if reuse else []))
+        reuse, texts = self.token_context is not None, self._need_texts
+        a = cache.read(unit, ["index", "valid", "emb"] + (["tokens"] if reuse else []) + (["text"] if texts else []))
         rows = np.flatnonzero(a["valid"])
         rows = rows[[split_of(caption_key(unit.index, i), self.spec.val_fraction) == split
                      for i in a["index"][rows].tolist()]]
-        return CaptionBlock(shard=-1, corpus=unit.index, position=a["index"][rows].tolist(), label=[-1] * len(rows),
-                            texts=a["text"][rows].tolist(), teacher=a["emb"][rows], other=None,
-                            tokens=a["tokens"][rows] if reuse else None)
+        return CaptionBlock(shard=-1, corpus=unit.index, position=a["index"][rows].astype(np.int64),
+                            label=np.full(len(rows), -1, np.int64), texts=a["text"][rows].tolist() if texts else None,
+                            teacher=a["emb"][rows], other=None, tokens=a["tokens"][rows] if reuse else None)
 
     def _paired_block(self, cache: Cache, unit: Unit, split: str) -> CaptionBlock:
-        reuse = self.token_context is not None
+        reuse, texts = self.token_context is not None, self._need_texts
         a = cache.read(unit, ["key", "valid", "label", "caption", "caption_emb", "emb"]
                        + (["caption_tokens"] if reuse else []))
         rows = np.flatnonzero(a["valid"] & (a["caption"] != ""))
         rows = rows[[split_of(k, self.spec.val_fraction) == split for k in a["key"][rows].tolist()]]
-        return CaptionBlock(shard=unit.index, corpus=-1, position=rows.tolist(), label=a["label"][rows].tolist(),
-                            texts=a["caption"][rows].tolist(), teacher=a["caption_emb"][rows],
+        return CaptionBlock(shard=unit.index, corpus=-1, position=rows.astype(np.int64),
+                            label=a["label"][rows].astype(np.int64),
+                            texts=a["caption"][rows].tolist() if texts else None, teacher=a["caption_emb"][rows],
                             other=a["emb"][rows, 0], tokens=a["caption_tokens"][rows] if reuse else None)
+
+    @property
+    def _need_texts(self) -> bool:
+        return self.return_texts or self.token_context is None
 
     def _image_rows(self, cache: Cache, unit: Unit, split: str, epoch: int) -> Iterator[RawRow]:
         """The shard's tar streamed in order and joined to the cache rows by position, checking every key."""
@@ -450,30 +455,31 @@ class TrainStream(torch.utils.data.IterableDataset):
             g[1].append(i)
             g[2].append(j)
 
-        def gather(name: str, width: int, fill, dtype) -> np.ndarray:
-            out = np.full((len(rows), width), fill, dtype)
+        def gather(get: Callable[[CaptionBlock], np.ndarray | int | None], tail: tuple[int, ...], fill,
+                   dtype) -> torch.Tensor:
+            out = np.full((len(rows), *tail), fill, dtype)
             for blk, ii, jj in groups.values():
-                arr = getattr(blk, name)
-                if arr is not None:
-                    out[ii] = arr[jj]
-            return out
+                v = get(blk)
+                if v is not None:
+                    out[ii] = v[jj] if isinstance(v, np.ndarray) else v
+            return torch.from_numpy(out)
 
         dim = rows[0][0].teacher.shape[1]
-        texts = [blk.texts[j] for blk, j in rows]
+        texts = [blk.texts[j] for blk, j in rows] if self._need_texts else None
         if self.token_context is not None:
-            stored = gather("tokens", rows[0][0].tokens.shape[1], 0, np.int64)
+            stored = gather(lambda b: b.tokens, rows[0][0].tokens.shape[1:], 0, np.int64).numpy()
             tokens = torch.from_numpy(cache_tokens.fit(stored, self.token_context, eot=self.eot))
         else:
             tokens = torch.as_tensor(self.tokenizer(texts), dtype=torch.int64)
         return {
             "tokens": tokens,
-            "teacher": torch.from_numpy(gather("teacher", dim, np.nan, np.float32)),
-            "other": torch.from_numpy(gather("other", dim, np.nan, np.float32)),
-            "has_other": torch.tensor([blk.other is not None for blk, _ in rows], dtype=torch.bool),
-            "labels": torch.tensor([blk.label[j] for blk, j in rows], dtype=torch.int64),
-            "shard": torch.tensor([blk.shard for blk, _ in rows], dtype=torch.int64),
-            "position": torch.tensor([blk.position[j] for blk, j in rows], dtype=torch.int64),
-            "corpus": torch.tensor([blk.corpus for blk, _ in rows], dtype=torch.int64),
+            "teacher": gather(lambda b: b.teacher, (dim,), np.nan, np.float32),
+            "other": gather(lambda b: b.other, (dim,), np.nan, np.float32),
+            "has_other": gather(lambda b: b.other is not None, (), False, bool),
+            "labels": gather(lambda b: b.label, (), -1, np.int64),
+            "shard": gather(lambda b: b.shard, (), -1, np.int64),
+            "position": gather(lambda b: b.position, (), -1, np.int64),
+            "corpus": gather(lambda b: b.corpus, (), -1, np.int64),
             **({"texts": texts} if self.return_texts else {}),
         }
 
