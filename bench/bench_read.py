@@ -11,9 +11,9 @@ Setup (not timed): a cache is built (`kdcache build`, 2 views) with a tiny rando
 an uncompressed copy of it is written with zarr's own API (every array re-created with compressors=None).
 
 Configurations, interleaved (rotated per round, medians [min-max]):
-  text loader      `kdcache.train.data.make_loader`, text tower, one epoch: cache reads + shuffle + the cached caption
-                   tokens cut to the student's context (the students' tokenizer is the teacher's, as with a real
-                   CLIP teacher, so nothing is tokenised; see kdcache/cache/tokens.py)
+  text loader      `kdcache.train.data.make_loader`, text tower, 4 epochs (a fresh loader each): cache reads +
+                   shuffle + the cached caption tokens cut to the student's context (the students' tokenizer is the
+                   teacher's, as with a real CLIP teacher, so nothing is tokenised; see kdcache/cache/tokens.py)
   text loader raw  the same on the uncompressed copy
   text loader tokenising   the same with the caption tokens not reused: open_clip's tokenizer runs in the loader
   image rows       the image tower's order stream: cache reads + tar members joined by key + shuffle, no decode
@@ -130,6 +130,11 @@ def drain_loader(loader) -> dict:
     for batch in loader:
         n += len(batch["teacher"])
     return {"n": n}
+
+
+def drain_epochs(make, epochs: int) -> dict:
+    """`make(epoch)`'s loader drained for epochs 0..epochs-1: one epoch of the text corpus is too short to time."""
+    return {"n": sum(drain_loader(make(e))["n"] for e in range(epochs))}
 
 
 def tokenising(loader):
@@ -265,6 +270,7 @@ def main(argv=None) -> dict:
                     help="student families: <family>-text and <family>-image (kdc-seed uses kdc-seed-image-vit)")
     ap.add_argument("--profile-rows", type=int, default=128)
     ap.add_argument("--row-epochs", type=int, default=4, help="epochs per timed run of the image order stream")
+    ap.add_argument("--text-epochs", type=int, default=4, help="epochs per timed run of the text loaders")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="256 images, 4096 captions, 2 rounds, tiny students only")
     ap.add_argument("--out", default="bench/results/read.json")
@@ -316,12 +322,12 @@ def main(argv=None) -> dict:
             return DataSpec(cache=path, tower=tower, batch_size=bs, seed=0)
 
         configs = {
-            "text loader": lambda: drain_loader(make_loader(spec(cache, "text"), split="train", epoch=0, workers=w,
-                                                            tokenizer=text_tok)),
-            "text loader raw": lambda: drain_loader(make_loader(spec(raw, "text"), split="train", epoch=0, workers=w,
-                                                                tokenizer=text_tok)),
-            "text loader tokenising": lambda: drain_loader(tokenising(make_loader(
-                spec(cache, "text"), split="train", epoch=0, workers=w, tokenizer=text_tok))),
+            "text loader": lambda: drain_epochs(lambda e: make_loader(
+                spec(cache, "text"), split="train", epoch=e, workers=w, tokenizer=text_tok), args.text_epochs),
+            "text loader raw": lambda: drain_epochs(lambda e: make_loader(
+                spec(raw, "text"), split="train", epoch=e, workers=w, tokenizer=text_tok), args.text_epochs),
+            "text loader tokenising": lambda: drain_epochs(lambda e: tokenising(make_loader(
+                spec(cache, "text"), split="train", epoch=e, workers=w, tokenizer=text_tok)), args.text_epochs),
             "image rows": lambda: drain_rows(lambda e: TrainStream(spec(cache, "image"), split="train", epoch=e,
                                                                    student_preprocess=pre0), args.row_epochs),
             "image rows raw": lambda: drain_rows(lambda e: TrainStream(spec(raw, "image"), split="train", epoch=e,
@@ -394,7 +400,8 @@ def main(argv=None) -> dict:
     for s in students["image"]:
         targets.append(target(f"image loader ÷ {s} step", ratios[f"image loader {s} ÷ step {s}"]["median"], ">=", 0,
                               f"expected far less than the cache-only ratio; bound by {bound[s]}", judged=False))
-    header = (f"{runs['text loader'][0]['n']} text rows, {runs['image rows'][0]['n'] // args.row_epochs} image rows "
+    header = (f"{runs['text loader'][0]['n'] // args.text_epochs} text rows (x {args.text_epochs} epochs), "
+              f"{runs['image rows'][0]['n'] // args.row_epochs} image rows "
               f"(x {args.row_epochs} epochs for the order stream) x {args.views} views, "
               f"cache {sizes['compressed_bytes'] / 1e6:.1f} MB (uncompressed {sizes['uncompressed_bytes'] / 1e6:.1f} "
               f"MB, chunks of {schema.CHUNK_BYTES / 2**20:g} MiB raw), batch {bs}, workers {w}, {machine_note()}; "
