@@ -19,7 +19,18 @@ from PIL import Image
 from kdcache.cache.reader import open_cache
 from kdcache.cache.views import crop_view
 from kdcache.synth import write_captions, write_image_shards, write_tar
-from kdcache.train.data import DataError, DataSpec, EpochLoader, TrainStream, count_rows, make_loader, split_of
+from kdcache.train.data import (
+    DataError,
+    DataSpec,
+    EpochLoader,
+    PackedBatch,
+    TrainStream,
+    count_rows,
+    make_loader,
+    pack_batch,
+    split_of,
+    unpack_batch,
+)
 
 CTX = 16  # the tiny teacher's text context
 
@@ -192,6 +203,40 @@ def test_epoch_loader_keeps_its_workers_and_serves_every_pass_like_a_fresh_loade
     finally:
         data_loader.close()
     assert fresh("train", 1, 0) != fresh("train", 2, 0)  # the passes differ, so equality above is not vacuous
+
+
+def test_a_packed_batch_unpacks_to_the_same_tensors():
+    """Workers send a batch as one tensor; every dtype, shape (empty and odd-sized included) and the non-tensor
+    entries come back equal."""
+    g = torch.Generator().manual_seed(0)
+    batch = {"pixels": torch.randint(0, 256, (3, 3, 5, 7), dtype=torch.uint8, generator=g),
+             "teacher": torch.randn(3, 5, generator=g), "other": torch.full((3, 5), float("nan")),
+             "has_other": torch.tensor([True, False, True]), "labels": torch.tensor([-1, 2, 7]),
+             "half": torch.randn(3, 3, generator=g).half(), "empty": torch.zeros(0, 4),
+             "strided": torch.arange(12).reshape(3, 4).T, "texts": ["a", "", "c"]}
+    batch["big"] = torch.randint(0, 256, (2**20 + 1,), dtype=torch.uint8, generator=g)  # image pixels: not copied
+    packed = pack_batch(batch)
+    assert isinstance(packed, PackedBatch) and packed.data.dtype == torch.uint8
+    assert set(packed.rest) == {"texts", "big"} and packed.rest["big"] is batch["big"]
+    out = unpack_batch(packed)
+    assert list(out) == list(batch)
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            assert out[k].dtype == v.dtype and out[k].shape == v.shape
+            torch.testing.assert_close(out[k], v, rtol=0, atol=0, equal_nan=True)
+        else:
+            assert out[k] == v
+    assert unpack_batch(batch) is batch  # in-process batches pass through
+
+    # The DataLoader's pin-memory thread (CUDA machines) reaches every tensor of a packed batch.
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    pinned = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t.data_ptr()) or t)
+        again = unpack_batch(pin_memory(packed))
+    assert set(pinned) == {packed.data.data_ptr(), batch["big"].data_ptr()}
+    assert all(torch.equal(again[k], out[k]) for k in out if isinstance(out[k], torch.Tensor) and k != "other")
 
 
 def test_splits_are_disjoint_cover_every_valid_row_and_are_stable(data):
