@@ -15,9 +15,13 @@ How the order stays the same whatever `workers` is, while every read stays seque
    DataLoader with batch_size=None round-robins over its workers, so it returns batches 0, 1, 2, ... in order.
 3. Resuming at step k skips the first k batches without materialising them.
 
+A worker sends each batch's small tensors packed into one (`PackedBatch`; one shared-memory segment instead of eight)
+and the loader unpacks them. Training uses `EpochLoader`: one pool of workers, forked before the optimizer state
+exists, serves every epoch and validation pass.
+
 Memory is bounded by the shuffle buffer and a few units' cache arrays (the text tower's rows refer to their unit's
-arrays until they leave the buffer), never by the dataset. Validation reads units in
-cache order without shuffling and uses view 0, so it sees the same batches every epoch.
+arrays until they leave the buffer), never by the dataset. Validation reads units in cache order without shuffling
+and uses view 0, so it sees the same batches every epoch.
 
 This module never imports the teacher (nor the build, which does): everything it needs is in the cache.
 """
