@@ -124,3 +124,24 @@ def test_another_tokenizer_is_run_as_before(cache):
     loader = make_loader(spec, split="train", epoch=0, tokenizer=tok, return_texts=True)
     assert loader.dataset.token_context is None
     assert all(torch.equal(b["tokens"], tok(b["texts"])) for b in loader)
+
+
+def test_resume_of_a_cache_from_before_tokens_is_refused_naming_the_schema(cache, teacher_spec, tmp_path):
+    """A 1.1 cache has no token arrays; extending it with 1.2 units would mix layouts, so --resume refuses."""
+    import shutil
+
+    import zarr
+
+    from kdcache.cache.build import BuildError
+
+    old = tmp_path / "old.zarr"
+    shutil.copytree(cache, old)
+    root = zarr.open_group(str(old), mode="r+")
+    attrs = dict(root.attrs[schema.ROOT_ATTR])
+    attrs.update(schema_version="1.1", build={k: v for k, v in attrs["build"].items() if k != "tokens"},
+                 capabilities=[c for c in attrs["capabilities"] if c != schema.CAP_TOKENS])
+    root.attrs[schema.ROOT_ATTR] = attrs
+    c = open_cache(cache)
+    with pytest.raises(BuildError, match=r"build changed \(tokens: cache has None.*schema 1\.1; this one writes 1\.2"):
+        build_cache(old, teacher=teacher_spec, images=tuple(c.attrs["inputs"]["images"]),
+                    captions=tuple(c.attrs["inputs"]["captions"]), batch_size=8, resume=True)

@@ -553,7 +553,14 @@ class _Builder:
                 if major != schema.SCHEMA_MAJOR:
                     raise BuildError(f"{path} has schema {old.get('schema_version')}; this kdcache writes "
                                      f"{schema.SCHEMA_VERSION}")
-                check_resume_identity(old, attrs)
+                try:
+                    check_resume_identity(old, attrs)
+                except BuildError as e:
+                    if str(old.get("schema_version")) != schema.SCHEMA_VERSION:
+                        raise BuildError(f"{e} (the cache was written by another kdcache, schema "
+                                         f"{old.get('schema_version')}; this one writes {schema.SCHEMA_VERSION})"
+                                         ) from None
+                    raise
                 for k in schema.remove_interrupted_writes(root):
                     log.info("resume: removed %s, left by an interrupted write", k)
                 attrs["run"]["resumed_from"] = old.get("run", {}).get("started")
