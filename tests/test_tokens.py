@@ -145,3 +145,11 @@ def test_resume_of_a_cache_from_before_tokens_is_refused_naming_the_schema(cache
     with pytest.raises(BuildError, match=r"build changed \(tokens: cache has None.*schema 1\.1; this one writes 1\.2"):
         build_cache(old, teacher=teacher_spec, images=tuple(c.attrs["inputs"]["images"]),
                     captions=tuple(c.attrs["inputs"]["captions"]), batch_size=8, resume=True)
+    # Readers still take it: verify passes and the text loader tokenises, with the same batches.
+    assert verify(str(old)).ok
+    tok = SimpleTokenizer(context_length=16)
+    loaders = [make_loader(DataSpec(cache=str(p), tower="text", batch_size=4, val_fraction=0.0), split="train",
+                           epoch=0, tokenizer=tok) for p in (old, cache)]
+    assert loaders[0].dataset.token_context is None and loaders[1].dataset.token_context == 16
+    for a, b in zip(*loaders, strict=True):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["position"], b["position"])
