@@ -146,7 +146,12 @@ def _teacher_identity_for_resume(identity: dict) -> dict:
 
 
 def check_resume_identity(old: dict, new: dict) -> None:
-    """Refuse a --resume whose teacher, build settings or earlier inputs differ, naming the field."""
+    """Refuse a --resume whose teacher, build settings or earlier inputs differ, naming the field (and the schema
+    versions, when another kdcache wrote the cache)."""
+    hint = ""
+    if str(old.get("schema_version")) != str(new.get("schema_version")):
+        hint = (f" (the cache was written by another kdcache, schema {old.get('schema_version')}; this one writes "
+                f"{new.get('schema_version')})")
     for section in ("teacher", "preprocess", "build"):
         a, b = old.get(section), new.get(section)
         if section == "teacher":
@@ -154,14 +159,14 @@ def check_resume_identity(old: dict, new: dict) -> None:
         if a != b:
             keys = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
             detail = ", ".join(f"{k}: cache has {(a or {}).get(k)!r}, now {(b or {}).get(k)!r}" for k in keys)
-            raise BuildError(f"--resume refused: {section} changed ({detail}). Use --overwrite or a new --out.")
+            raise BuildError(f"--resume refused: {section} changed ({detail}). Use --overwrite or a new --out.{hint}")
     for kind in ("images", "captions"):
         a, b = old["inputs"][kind], new["inputs"][kind]
         if b[: len(a)] != a:
             raise BuildError(
                 f"--resume refused: --{kind} changed. The cache was built from {len(a)} {kind} input(s); new inputs "
                 "may only be appended at the end of the list (first difference at position "
-                f"{next(i for i in range(len(a)) if i >= len(b) or a[i] != b[i])}).")
+                f"{next(i for i in range(len(a)) if i >= len(b) or a[i] != b[i])}).{hint}")
 
 
 # ----------------------------------------------------------------------------------------------- image production
@@ -553,14 +558,7 @@ class _Builder:
                 if major != schema.SCHEMA_MAJOR:
                     raise BuildError(f"{path} has schema {old.get('schema_version')}; this kdcache writes "
                                      f"{schema.SCHEMA_VERSION}")
-                try:
-                    check_resume_identity(old, attrs)
-                except BuildError as e:
-                    if str(old.get("schema_version")) != schema.SCHEMA_VERSION:
-                        raise BuildError(f"{e} (the cache was written by another kdcache, schema "
-                                         f"{old.get('schema_version')}; this one writes {schema.SCHEMA_VERSION})"
-                                         ) from None
-                    raise
+                check_resume_identity(old, attrs)
                 for k in schema.remove_interrupted_writes(root):
                     log.info("resume: removed %s, left by an interrupted write", k)
                 attrs["run"]["resumed_from"] = old.get("run", {}).get("started")

@@ -135,14 +135,16 @@ def _check_unit(cache: Cache, unit: Unit, st: dict, keys: set[str], rep: VerifyR
         rep.problems.append(f"{where}: {int(valid.sum())} valid rows, status says {st['valid']}")
     if "emb" in data:
         _check_stored_embeddings(data["emb"], valid, f"{where}: array {unit.data_path}/emb", rep)
-    if unit.kind == IMAGES and "caption_emb" in data and "caption" in data:
-        has_cap = valid & (data["caption"] != "")
-        _check_stored_embeddings(data["caption_emb"], has_cap, f"{where}: array {unit.data_path}/caption_emb", rep)
+    # Rows that hold a caption: valid rows with a paired caption in a shard, every valid row of a caption block.
+    if unit.kind == IMAGES and "caption" in data:
+        has_cap, tokens_name = valid & (data["caption"] != ""), "caption_tokens"
+        if "caption_emb" in data:
+            _check_stored_embeddings(data["caption_emb"], has_cap, f"{where}: array {unit.data_path}/caption_emb", rep)
+    else:
+        has_cap, tokens_name = valid, "tokens"
     tokens = cache.attrs["build"].get("tokens")
-    name, expect = (("caption_tokens", valid & (data["caption"] != "")) if unit.kind == IMAGES and "caption" in data
-                    else ("tokens", valid))
-    if tokens and name in data:
-        _check_tokens(data[name], expect, tokens["eot"], f"{where}: array {unit.data_path}/{name}", rep)
+    if tokens and tokens_name in data:
+        _check_tokens(data[tokens_name], has_cap, tokens["eot"], f"{where}: array {unit.data_path}/{tokens_name}", rep)
 
 
 def _check_tokens(rows: np.ndarray, expect: np.ndarray, eot: int, where: str, rep: VerifyReport) -> None:

@@ -252,7 +252,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             raise DataError("the text tower needs the student's tokenizer (tokenizer=open_clip.get_tokenizer(...))")
         # Text tower: the build's stored tokens replace the tokenizer when they are provably what it would give.
         recorded = cache.attrs["build"].get("tokens") if spec.tower == "text" else None
-        self.token_context = cache_tokens.reusable_context(recorded, tokenizer) if recorded else None
+        self.token_context = cache_tokens.reusable_context(recorded, tokenizer)
         self.eot = recorded["eot"] if self.token_context else None
         if recorded and self.token_context is None:
             log.info("the student's tokenizer differs from the teacher's: captions are tokenised while loading")
@@ -277,16 +277,13 @@ class TrainStream(torch.utils.data.IterableDataset):
     def start_step(self) -> int:
         return int(self._position[2])
 
-    @property
-    def drop_last(self) -> bool:
-        return self.split == "train"  # training steps see full batches; validation sees every row
-
     def __len__(self) -> int:
         """Batches this stream yields (after `start_step`); counting reads the cache's small arrays once per split."""
         split = self.split
         if split not in self._len:
             rows = count_rows(self.spec, split)
             b = self.spec.batch_size
+            # training steps see full batches; validation sees every row
             self._len[split] = rows // b if split == "train" else -(-rows // b)
         return max(0, self._len[split] - self.start_step)
 
