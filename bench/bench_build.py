@@ -122,12 +122,17 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def fmt_value(v: float, fmt: str) -> str:
+    """`v` in format `fmt`, except values in (0.99, 1) (cosines, agreements), which get 6 significant digits: fewer
+    would round them all to 1."""
+    return f"{v:.6g}" if 0.99 < v < 1 else format(v, fmt)
+
+
 def targets_table(targets: list[dict]) -> str:
     verdict = {True: "met", False: "NOT met", None: "not judged here"}
     return md_table(["target", "value", "wanted", "verdict", "note"],
-                    [[t["name"], "-" if t["value"] is None else f"{t['value']:.6g}" if 0.99 < t["value"] < 1
-                      else f"{t['value']:.3f}", t["target"], verdict[t["met"]],
-                      t["note"]] for t in targets])
+                    [[t["name"], "-" if t["value"] is None else fmt_value(t["value"], ".3f"), t["target"],
+                      verdict[t["met"]], t["note"]] for t in targets])
 
 
 def write_result(path: str, result: dict) -> None:

@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_build import fmt_value  # noqa: E402
+
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 
@@ -172,9 +175,7 @@ def _fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        if 0.99 < v < 1:  # cosines and agreements: 3 significant digits would round them all to "1"
-            return f"{v:.6f}".rstrip("0")
-        return f"{v:.3g}"
+        return fmt_value(v, ".3g")
     return str(v)
 
 
