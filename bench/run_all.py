@@ -246,13 +246,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(RESULTS / "latest.json"))
     args = ap.parse_args(argv)
     benches = list(BENCHES)
-    if args.shared:
-        shared = Path(args.shared).resolve()
-        benches.append(("bytes-real", "bench_bytes.py", [
-            "--teacher", f"local-dir:{shared / 'teachers' / 'kdc-cifar10-rn18'}",
-            "--images", str(shared / "data" / "cifar10" / "cifar10-test-000.tar"), "--classes", "cifar10",
-            "--limit", "2000", "--steps", "200"]))
     extra: dict[str, list[str]] = {}
+    if args.shared:
+        # Its arguments name its inputs, so they go in as extra arguments: kept with --quick too.
+        shared = Path(args.shared).resolve()
+        benches.append(("bytes-real", "bench_bytes.py", []))
+        extra["bytes-real"] = ["--teacher", f"local-dir:{shared / 'teachers' / 'kdc-cifar10-rn18'}",
+                               "--images", str(shared / "data" / "cifar10" / "cifar10-test-000.tar"),
+                               "--classes", "cifar10", "--limit", "2000", "--steps", "200"]
     for e in args.extra:
         name, _, rest = e.partition("=")
         extra.setdefault(name, []).extend(a for a in rest.split(",") if a)
@@ -268,9 +269,7 @@ def main(argv=None) -> dict:
     for name, script, full_args in benches:
         if (args.only and name not in args.only) or name in args.skip:
             continue
-        # bytes-real's arguments name its inputs, so they are kept with --quick too
-        keep = not args.quick or name == "bytes-real"
-        report["benches"][name] = run_bench(name, script, (full_args if keep else []) + extra.get(name, []),
+        report["benches"][name] = run_bench(name, script, ([] if args.quick else full_args) + extra.get(name, []),
                                             quick=args.quick, timeout=args.timeout)
     report["seconds"] = time.time() - started
     report["finished"] = time.time()
