@@ -150,22 +150,21 @@ class CaptionBlock:
     tokens: np.ndarray | None      # [n, C] the stored tokens, when the student's tokenizer reuses them
 
 
-def _usable_units(cache: Cache, kind: str) -> list[Unit]:
+def _usable_units(cache: Cache, kind: str, *, captioned: bool = False) -> list[Unit]:
     """Units whose data was written (a status exists, done or failed). Only an incomplete cache opened with
-    allow_incomplete has units without one; their arrays may be missing or half written, so they are left out."""
+    allow_incomplete has units without one; their arrays may be missing or half written, so they are left out.
+    `captioned`: only image units with at least one paired caption (their status counts them), so that the text
+    tower skips the others without reading their arrays."""
     units = []
     for u in cache.units(kind):
-        if cache.status(u) is None:
+        st = cache.status(u)
+        if st is None:
             log.warning("%s: unit %s was never finished; its rows are left out", cache.path, u.name)
+            continue
+        if captioned and not st.get("captions", 1):
             continue
         units.append(u)
     return units
-
-
-def _captioned_units(cache: Cache) -> list[Unit]:
-    """Image units with at least one paired caption (their status counts them): the text tower skips the others
-    without reading their arrays."""
-    return [u for u in _usable_units(cache, IMAGES) if (cache.status(u) or {}).get("captions", 1)]
 
 
 def _shuffled(rows: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
@@ -299,7 +298,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         if self.spec.tower == "image":
             units = _usable_units(cache, IMAGES)
         else:
-            units = _captioned_units(cache) + _usable_units(cache, CAPTIONS)
+            units = _usable_units(cache, IMAGES, captioned=True) + _usable_units(cache, CAPTIONS)
         if train:
             rng = np.random.default_rng([self.spec.seed, epoch, _UNIT_ORDER])
             units = [units[i] for i in rng.permutation(len(units)).tolist()]
@@ -630,7 +629,7 @@ def count_rows(spec: DataSpec, split: str) -> int:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     cache = _open(spec)
     n = 0
-    for unit in _captioned_units(cache) if spec.tower == "text" else _usable_units(cache, IMAGES):
+    for unit in _usable_units(cache, IMAGES, captioned=spec.tower == "text"):
         names = ["key", "valid"] + (["caption"] if spec.tower == "text" else [])
         a = cache.read(unit, names)
         keep = a["valid"] & (a["caption"] != "") if spec.tower == "text" else a["valid"]
