@@ -173,7 +173,7 @@ def synth_shards(out: Path, n: int, per_shard: int, seed: int = 0) -> list[str]:
 
 
 def _load(spec: str, pretrained, allow_random: bool, device: str, precision: str):
-    from kdcache.cache.teacher import load_teacher
+    from kdcache.teacher import load_teacher
 
     t0 = time.perf_counter()
     teacher = load_teacher(spec, pretrained=pretrained, allow_random_init=allow_random, device=device,
@@ -186,8 +186,8 @@ def serial_loop(spec: str, pretrained, urls: list[str], *, views: int, batch_siz
     """The same teacher load, decode + preprocess + forward as the build, batched the same way, in one process, no
     writes: images (and views) in batches that never cross a shard; a shard's paired captions (.txt/.json) through the
     text tower after it, as the build embeds them."""
-    from kdcache.cache.sources import ShardReport, iter_shard, parse_sample
-    from kdcache.cache.views import eval_transform_uint8, random_view, render_view
+    from kdcache.shards import ShardReport, iter_shard, parse_sample
+    from kdcache.views import eval_transform_uint8, random_view, render_view
 
     teacher, setup = _load(spec, pretrained, allow_random, device, precision)
     eval_tf = eval_transform_uint8(teacher.preprocess)
@@ -274,9 +274,9 @@ def predecode(spec: str, pretrained, urls: list[str], *, limit: int | None,
               allow_random: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Every image through the teacher's uint8 eval transform and every paired caption through the tokenizer, before
     timing: the inputs of the `forward` config."""
-    from kdcache.cache.sources import ShardReport, iter_shard, parse_sample
-    from kdcache.cache.teacher import load_teacher
-    from kdcache.cache.views import eval_transform_uint8
+    from kdcache.shards import ShardReport, iter_shard, parse_sample
+    from kdcache.teacher import load_teacher
+    from kdcache.views import eval_transform_uint8
 
     teacher = load_teacher(spec, pretrained=pretrained, allow_random_init=allow_random)
     eval_tf = eval_transform_uint8(teacher.preprocess)
@@ -312,7 +312,7 @@ def kdcache_build(spec: str, pretrained, urls: list[str], out: str, *, views: in
                   precision: str = "fp32") -> dict:
     """`kdcache build` through its Python API; the teacher load inside it is timed by wrapping load_teacher (the
     build imports it at call time), so its images/s excludes the same start-up as the other configurations."""
-    import kdcache.cache.teacher as teacher_mod
+    import kdcache.teacher as teacher_mod
     from kdcache.cache.build import BuildConfig, run
 
     original, setup = teacher_mod.load_teacher, []
@@ -361,7 +361,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.images:
-            from kdcache.cache.sources import expand_urls
+            from kdcache.shards import expand_urls
 
             urls = expand_urls(args.images)
         else:

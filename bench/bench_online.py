@@ -103,7 +103,7 @@ def flops_predicted(student_spec: str, *, teacher: str, pretrained: str | None, 
     forward, at each model's own input size, and the predicted online ÷ offline time ratio."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kdcache.cache.teacher import load_teacher
+    from kdcache.teacher import load_teacher
     from kdcache.train.students import build_student
 
     t = load_teacher(teacher, pretrained=pretrained, allow_random_init=pretrained is None)

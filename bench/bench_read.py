@@ -13,7 +13,7 @@ an uncompressed copy of it is written with zarr's own API (every array re-create
 Configurations, interleaved (rotated per round, medians [min-max]):
   text loader      `kdcache.train.data.make_loader`, text tower, 4 epochs (a fresh loader each): cache reads +
                    shuffle + the cached caption tokens cut to the student's context (the students' tokenizer is the
-                   teacher's, as with a real CLIP teacher, so nothing is tokenised; see kdcache/cache/tokens.py)
+                   teacher's, as with a real CLIP teacher, so nothing is tokenised; see kdcache/tokens.py)
   text loader raw  the same on the uncompressed copy
   text loader tokenising   the same with the caption tokens not reused: open_clip's tokenizer runs in the loader
   image rows       the image tower's order stream: cache reads + tar members joined by key + shuffle, no decode
@@ -190,7 +190,7 @@ def profile_image_loader(stream, rows: int) -> dict:
     it."""
     from PIL import Image
 
-    from kdcache.cache.views import crop_view, eval_transform_uint8, render_view
+    from kdcache.views import crop_view, eval_transform_uint8, render_view
 
     t0 = time.perf_counter()
     picked, total = [], 0

@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
         args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from kdcache.cache.teacher import load_teacher
+    from kdcache.teacher import load_teacher
 
     spec, pre = args.teacher, args.pretrained
     allow_random = pre is None and not spec.startswith(("local-dir:", "hf-hub:"))

@@ -48,10 +48,10 @@ def main(argv=None) -> dict:
     from bench_build import synth_shards
 
     from kdcache.cache.build import BuildConfig, run
-    from kdcache.cache.teacher import load_teacher
+    from kdcache.export import export
     from kdcache.quickstart import tiny_teacher_path
     from kdcache.synth import write_captions, write_image_shards
-    from kdcache.train.export import export
+    from kdcache.teacher import load_teacher
     from kdcache.train.loop import TrainConfig
     from kdcache.train.loop import run as train
 

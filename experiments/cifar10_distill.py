@@ -24,7 +24,7 @@ from kdcache.cache.build import run as build
 from kdcache.eval.compare import write_compare
 from kdcache.eval.run import EvalConfig
 from kdcache.eval.run import run as evaluate
-from kdcache.train.export import export
+from kdcache.export import export
 from kdcache.train.loop import TrainConfig
 from kdcache.train.loop import run as train
 

@@ -19,8 +19,8 @@ from kdcache.cache.verify import format_info, info, verify
 from kdcache.eval.compare import write_compare
 from kdcache.eval.run import EvalConfig
 from kdcache.eval.run import run as evaluate
+from kdcache.export import export
 from kdcache.synth import write_captions, write_image_shards
-from kdcache.train.export import export
 from kdcache.train.loop import TrainConfig
 from kdcache.train.loop import run as train
 

@@ -23,7 +23,7 @@ FAST = {"progress": False, "latency_batch": 4, "latency_repeats": 2, "latency_wa
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, teacher_spec, shards, classes_file):
     """A cache of the fixture shards, a 5-step image run on it, and its export with the teacher's text tower."""
-    from kdcache.train.export import export
+    from kdcache.export import export
     from kdcache.train.loop import TrainConfig
     from kdcache.train.loop import run as train
 
@@ -74,9 +74,9 @@ def test_report_files_and_keys(three, work):
 
 def test_teacher_accuracy_equals_a_direct_computation(three, work):
     """The eval pipeline keeps rows and labels together: the teacher's numbers match a hand-rolled loop."""
-    from kdcache.cache.sources import ShardReport, iter_shard, parse_sample
-    from kdcache.cache.teacher import load_teacher
-    from kdcache.cache.views import eval_transform_uint8
+    from kdcache.shards import ShardReport, iter_shard, parse_sample
+    from kdcache.teacher import load_teacher
+    from kdcache.views import eval_transform_uint8
 
     t = load_teacher(work["teacher"])
     tf = eval_transform_uint8(t.preprocess)

@@ -20,9 +20,9 @@ from conftest import build_cache
 from safetensors.torch import load_file
 
 from kdcache.cache.reader import open_cache
-from kdcache.cache.teacher import load_teacher
 from kdcache.cli.main import cli
 from kdcache.online import OnlineTargets, run_online
+from kdcache.teacher import load_teacher
 from kdcache.train.data import DataSpec, make_loader
 from kdcache.train.loop import TrainConfig, TrainError, run
 from kdcache.train.losses import LossInputs, WeightedLoss
@@ -185,7 +185,7 @@ from click.testing import CliRunner
 from kdcache.cli.main import cli
 args = ["train", "--cache", {cache!r}, "--tower", "image", "--student", "kdc-tiny-image", "--max-steps", "2",
         "--batch-size", "8", "--no-progress", "--workers", "1"]
-teacher = ("kdcache.cache.teacher", "kdcache.online")
+teacher = ("kdcache.teacher", "kdcache.online")
 r = CliRunner().invoke(cli, args + ["--out", {str(tmp_path / 'off')!r}])
 assert r.exit_code == 0, r.output
 assert not [m for m in teacher if m in sys.modules], "offline"

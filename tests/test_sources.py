@@ -17,18 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdcache.cache.sources import (
-    CaptionRow,
+from kdcache.cache.captions import CaptionRow, count_caption_records, iter_caption_records, parse_caption_spec
+from kdcache.shards import (
     RawSample,
     Reject,
     RejectError,
     ShardReport,
-    count_caption_records,
     decode_image,
     expand_urls,
-    iter_caption_records,
     iter_shard,
-    parse_caption_spec,
     parse_sample,
     to_rgb,
 )

@@ -227,5 +227,5 @@ def test_seed_students_build():
 
 def test_train_modules_never_import_the_teacher():
     code = ("import sys, kdcache.train.students, kdcache.train.losses, kdcache.modelcfg; "
-            "assert 'kdcache.cache.teacher' not in sys.modules, 'teacher imported'")
+            "assert 'kdcache.teacher' not in sys.modules, 'teacher imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kdcache.cache.teacher import TeacherError, load_teacher
-from kdcache.cache.views import eval_transform_uint8
 from kdcache.quickstart import tiny_teacher_path
+from kdcache.teacher import TeacherError, load_teacher
+from kdcache.views import eval_transform_uint8
 
 CKPT = "open_clip_model.safetensors"
 
@@ -124,7 +124,7 @@ def test_missing_weights_refused_unless_allowed(tmp_path, caplog):
     with pytest.raises(TeacherError, match="allow-random-init"):
         load_teacher(f"local-dir:{d}")
     state = torch.random.get_rng_state()
-    with caplog.at_level(logging.WARNING, logger="kdcache.cache.teacher"):
+    with caplog.at_level(logging.WARNING, logger="kdcache.teacher"):
         t = load_teacher(f"local-dir:{d}", allow_random_init=True)
     assert any("RANDOM" in r.getMessage() for r in caplog.records)
     assert t.identity["random_init"] is True and t.identity["digest"] is None and t.identity["checkpoint"] is None
@@ -171,7 +171,7 @@ def test_nested_json_with_pt_checkpoint(tmp_path):
 def test_flat_json_uses_loud_default_preprocessing(tmp_path, caplog):
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps(tiny_cfg()["model_cfg"]))
-    with caplog.at_level(logging.WARNING, logger="kdcache.cache.teacher"):
+    with caplog.at_level(logging.WARNING, logger="kdcache.teacher"):
         t = load_teacher(str(flat), allow_random_init=True)
     assert "default" in t.preprocess["source"]
     assert any("default" in r.getMessage() and "mean" in r.getMessage() for r in caplog.records)
@@ -185,7 +185,7 @@ def test_builtin_name_with_checkpoint_file_and_tag(tiny_dir, tmp_path, monkeypat
     cfg = tiny_cfg()
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "kdc-test-tiny", cfg["model_cfg"])
     ckpt = tiny_dir / CKPT
-    with caplog.at_level(logging.WARNING, logger="kdcache.cache.teacher"):
+    with caplog.at_level(logging.WARNING, logger="kdcache.teacher"):
         t = load_teacher("kdc-test-tiny", pretrained=str(ckpt))
     assert t.identity["digest"] == sha256(ckpt) and t.identity["pretrained"] == str(ckpt)
     assert torch.equal(first_param(t.model), first_param(load_teacher(f"local-dir:{tiny_dir}").model))
@@ -262,7 +262,7 @@ def test_clear_errors(tiny_dir, monkeypatch, tmp_path):
 
 
 def test_low_precision_on_cpu_falls_back_loudly(tiny_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="kdcache.cache.teacher"):
+    with caplog.at_level(logging.WARNING, logger="kdcache.teacher"):
         t = load_teacher(f"local-dir:{tiny_dir}", precision="bf16")
     assert t.precision == "fp32"
     assert any("bf16" in r.getMessage() for r in caplog.records)

@@ -8,8 +8,8 @@ import torch
 from conftest import CLASSES, build_cache
 from open_clip.tokenizer import SimpleTokenizer
 
+from kdcache import tokens as cache_tokens
 from kdcache.cache import schema
-from kdcache.cache import tokens as cache_tokens
 from kdcache.cache.reader import open_cache
 from kdcache.cache.verify import verify
 from kdcache.synth import write_image_shards

@@ -18,7 +18,7 @@ from conftest import build_cache
 from safetensors.torch import load_file
 
 from kdcache.cli.main import cli
-from kdcache.train.export import ExportError, export
+from kdcache.export import ExportError, export
 from kdcache.train.loop import TrainConfig, TrainError, load_run_student, run
 
 
@@ -104,7 +104,7 @@ from kdcache.train.loop import TrainConfig, run
 run(TrainConfig(cache={cache!r}, out={str(tmp_path / 'r')!r}, tower="image", student="kdc-tiny-image",
                 max_steps=2, batch_size=8, progress=False, workers=1))
 bad = [m for m in sys.modules
-       if m in ("kdcache.cache.teacher", "kdcache.cache.build") or m.startswith("kdcache.online")]
+       if m in ("kdcache.teacher", "kdcache.cache.build") or m.startswith("kdcache.online")]
 assert not bad, bad
 print("ok")
 """

@@ -14,8 +14,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from kdcache.cache.teacher import load_teacher
-from kdcache.cache.views import (
+from kdcache.quickstart import tiny_teacher_path
+from kdcache.teacher import load_teacher
+from kdcache.views import (
     VIEW_RATIO,
     VIEW_SCALE,
     crop_view,
@@ -26,7 +27,6 @@ from kdcache.cache.views import (
     render_view,
     view_seed,
 )
-from kdcache.quickstart import tiny_teacher_path
 
 
 def rgb(w: int, h: int, seed: int = 0) -> Image.Image:

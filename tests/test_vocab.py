@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-from kdcache.cache.vocab import BUILTIN_CLASSES, load_classes, load_templates
+from kdcache.vocab import BUILTIN_CLASSES, load_classes, load_templates
 
 
 def test_builtin_classes_in_label_order():

@@ -28,27 +28,16 @@ import zarr
 from tqdm import tqdm
 
 from kdcache import __version__
+from kdcache import tokens as cache_tokens
 from kdcache.cache import schema
-from kdcache.cache import tokens as cache_tokens
+from kdcache.cache.captions import CaptionRow, count_caption_records, iter_caption_records, parse_caption_spec
 from kdcache.cache.reader import plan_units
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
-from kdcache.cache.sources import (
-    CaptionRow,
-    Reject,
-    RejectError,
-    ShardReport,
-    count_caption_records,
-    expand_urls,
-    iter_caption_records,
-    iter_shard,
-    parse_caption_spec,
-    parse_sample,
-)
-from kdcache.cache.views import VIEW_RATIO, VIEW_SCALE, eval_box, eval_transform_uint8, random_view, render_view
+from kdcache.shards import DEFAULT_MAX_PIXELS, Reject, RejectError, ShardReport, expand_urls, iter_shard, parse_sample
+from kdcache.views import VIEW_RATIO, VIEW_SCALE, eval_box, eval_transform_uint8, random_view, render_view
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold; larger images are rejected as too_large
 
 
 class BuildError(RuntimeError):
@@ -434,8 +423,8 @@ class _Builder:
             torch.set_num_threads(cfg.threads)
         threads = torch.get_num_threads()
 
-        from kdcache.cache.teacher import load_teacher  # the teacher is only ever imported by the build
-        from kdcache.cache.vocab import load_classes, load_templates
+        from kdcache.teacher import load_teacher  # the teacher is only ever imported by the build
+        from kdcache.vocab import load_classes, load_templates
 
         urls = expand_urls(list(cfg.images)) if cfg.images else []
         corpora = []

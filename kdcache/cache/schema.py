@@ -53,7 +53,7 @@ CAP_LOGITS = "logits"            # vocab/ head + per-view topk/lse
 CAP_LABELS = "labels"            # at least one image row has a label
 CAP_PAIRED = "paired_captions"   # at least one image row has a caption and its teacher text embedding
 CAP_INT8 = "int8_embeddings"     # 1.1: EMBEDDING_ARRAYS hold int8 codes; read them through decode_embeddings
-CAP_TOKENS = "tokens"            # 1.2: the teacher tokenizer's caption tokens (kdcache.cache.tokens; build["tokens"])
+CAP_TOKENS = "tokens"            # 1.2: the teacher tokenizer's caption tokens (kdcache.tokens; build["tokens"])
 KNOWN_CAPABILITIES = (CAP_IMAGES, CAP_CAPTIONS, CAP_LOGITS, CAP_LABELS, CAP_PAIRED, CAP_INT8, CAP_TOKENS)
 # Capabilities that change how existing arrays must be read: a cache lists the ones it uses in the root's
 # "required_capabilities", and a reader refuses a cache that requires one it does not know (instead of, say, reading

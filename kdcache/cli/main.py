@@ -263,9 +263,9 @@ def export(image_run, image_from_teacher, text_run, text_from_teacher, pretraine
     Example:
       kdcache export --image runs/img --text-from-teacher local-dir:teachers/kdc-cifar10-rn18 --out exported/
     """
-    from kdcache.cache.teacher import TeacherError
-    from kdcache.train.export import ExportError
-    from kdcache.train.export import export as run_export
+    from kdcache.export import ExportError
+    from kdcache.export import export as run_export
+    from kdcache.teacher import TeacherError
     from kdcache.train.loop import TrainError
 
     try:

@@ -10,7 +10,7 @@ A `--model` is one of
   `--classes`, same names, same order); a run has no text tower to embed captions or prompts with, so retrieval (and
   any text-tower run) needs `kdcache export` first;
 - an exported directory (`kdcache export`, open_clip's local-dir format), as `DIR` or `local-dir:DIR`;
-- any `--teacher` form (`kdcache.cache.teacher.load_teacher`): a built-in open_clip name with `pretrained`,
+- any `--teacher` form (`kdcache.teacher.load_teacher`): a built-in open_clip name with `pretrained`,
   `hf-hub:org/repo`, `local-dir:PATH`, or a JSON model config. Eval is one of the few places allowed to build a
   teacher: comparing against it is the point.
 """
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from kdcache.cache.views import eval_transform_uint8
 from kdcache.precision import autocast
+from kdcache.views import eval_transform_uint8
 
 KINDS = ("open_clip", "export", "run")
 MB = 1e6  # reports give sizes in MB = 10^6 bytes
@@ -150,7 +150,7 @@ def _is_export(d: Path) -> bool:
 
 def _from_open_clip(spec: str, *, label: str, kind: str, pretrained: str | None, allow_random_init: bool,
                     device: str, precision: str) -> EvalModel:
-    from kdcache.cache.teacher import TeacherError, load_teacher  # eval may build teachers; import only when asked
+    from kdcache.teacher import TeacherError, load_teacher  # eval may build teachers; import only when asked
 
     load_spec = spec
     if kind == "export" and not spec.startswith("local-dir:"):

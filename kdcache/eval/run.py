@@ -28,7 +28,12 @@ import torch
 from tqdm import tqdm
 
 from kdcache import __version__
-from kdcache.cache.sources import (
+from kdcache.eval import latency as lat
+from kdcache.eval import metrics as M
+from kdcache.eval.models import EvalModel, ModelError, accepts_pretrained, resolve_model
+from kdcache.precision import resolve_device
+from kdcache.shards import (
+    DEFAULT_MAX_PIXELS,
     RejectError,
     Sample,
     ShardReport,
@@ -37,16 +42,12 @@ from kdcache.cache.sources import (
     iter_shard,
     parse_sample,
 )
-from kdcache.eval import latency as lat
-from kdcache.eval import metrics as M
-from kdcache.eval.models import EvalModel, ModelError, accepts_pretrained, resolve_model
 
 log = logging.getLogger(__name__)
 
 TASKS = ("zeroshot", "retrieval")
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-MAX_PIXELS = 89_478_485  # the build's default: PIL's own decompression-bomb limit
 CONFUSION_INLINE = 20    # confusion matrices with at most this many classes are printed in report.md
 RETRIEVAL_KS = (1, 5, 10)
 
@@ -119,7 +120,7 @@ def iter_samples(urls: Sequence[str], stats: _Collected) -> Iterator[tuple[str, 
         report = ShardReport(url)
         for raw in iter_shard(url, report):
             try:
-                yield url, parse_sample(raw, max_pixels=MAX_PIXELS)
+                yield url, parse_sample(raw, max_pixels=DEFAULT_MAX_PIXELS)
             except RejectError as e:
                 stats.rejected[e.reason] += 1
         if report.digest:  # the whole shard was read: its digest came for free
@@ -452,12 +453,7 @@ def _check(cfg: EvalConfig) -> None:
             raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.limit is not None and cfg.limit < 1:
         raise EvalError("--limit must be at least 1")
-    try:
-        dev = torch.device(cfg.device)
-    except RuntimeError as e:
-        raise EvalError(f"--device {cfg.device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {cfg.device}: CUDA is not available; use --device cpu")
+    resolve_device(cfg.device, cfg.precision, error=EvalError, who="evaluation")
 
 
 def load_models(specs: Sequence[str], *, pretrained: str | None = None, allow_random_init: bool = False,
@@ -487,7 +483,7 @@ def run(cfg: EvalConfig) -> dict:
     _check(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from kdcache.cache.vocab import load_classes, load_templates
+    from kdcache.vocab import load_classes, load_templates
 
     classes = templates = None
     try:

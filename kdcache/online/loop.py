@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from kdcache.cache.reader import Cache
 from kdcache.cache.schema import CAP_LOGITS
-from kdcache.cache.teacher import Teacher, load_teacher
+from kdcache.teacher import Teacher, load_teacher
 from kdcache.train.loop import LiveTeacher, TrainConfig, TrainError, TrainResult, run
 
 log = logging.getLogger(__name__)

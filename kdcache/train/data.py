@@ -40,17 +40,17 @@ import numpy as np
 import torch
 from open_clip.transform import PreprocessCfg
 
+from kdcache import tokens as cache_tokens
 from kdcache.cache import schema
-from kdcache.cache import tokens as cache_tokens
 from kdcache.cache.reader import Cache, CacheError, open_cache
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
-from kdcache.cache.sources import RawSample, RejectError, ShardReport, expand_urls, iter_shard, parse_sample
-from kdcache.cache.views import eval_transform_uint8, render_view
+from kdcache.constants import TOWERS
+from kdcache.shards import RawSample, RejectError, ShardReport, expand_urls, iter_shard, parse_sample
+from kdcache.views import eval_transform_uint8, render_view, size_hw
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TOWERS = ("image", "text")
 SPLITS = ("train", "val")
 # Stream ids that keep the generators of one (seed, epoch) independent of each other.
 _UNIT_ORDER, _BUFFER = 1, 2
@@ -188,11 +188,6 @@ def _shuffled(rows: Iterable[T], size: int, rng: np.random.Generator) -> Iterato
 def _f32(a: np.ndarray) -> np.ndarray:
     # A copy, so that rows waiting in the shuffle buffer do not keep their whole unit's arrays alive.
     return np.array(a, dtype=np.float32, copy=True)
-
-
-def _size_hw(preprocess: dict) -> tuple[int, int]:
-    size = preprocess["size"]
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class TrainStream(torch.utils.data.IterableDataset):
@@ -420,7 +415,7 @@ class TrainStream(torch.utils.data.IterableDataset):
                 self._eval_tf[who] = eval_transform_uint8(preprocess)
             return self._eval_tf[who](img)
         interp = preprocess.get("interpolation") or PreprocessCfg.interpolation
-        return render_view(img, row.box, row.flip, size=_size_hw(preprocess), interpolation=interp)
+        return render_view(img, row.box, row.flip, size=size_hw(preprocess), interpolation=interp)
 
     def _common(self, rows: list[RawRow]) -> dict[str, torch.Tensor]:
         return {

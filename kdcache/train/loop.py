@@ -34,7 +34,7 @@ from tqdm import tqdm
 from kdcache import __version__
 from kdcache.cache import schema
 from kdcache.cache.reader import Cache, open_cache
-from kdcache.precision import autocast
+from kdcache.precision import autocast, resolve_device
 from kdcache.train.data import DataSpec, EpochLoader, count_rows
 from kdcache.train.losses import LossInputs, WeightedLoss, default_losses
 from kdcache.train.students import Student, build_student
@@ -311,12 +311,7 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
         raise TrainError("give --epochs or --max-steps, not both")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda but CUDA is not available")
-    precision = cfg.precision if device.type == "cuda" else "fp32"
-    if precision != cfg.precision:
-        log.warning("--precision %s applies on CUDA only; training in fp32 on %s", cfg.precision, device)
+    device, precision = resolve_device(cfg.device, cfg.precision, error=TrainError, who="the student")
     cache = open_cache(cfg.cache, allow_incomplete=cfg.allow_incomplete)
     run_dir = Path(cfg.out)
 

@@ -9,7 +9,7 @@ built-in name (`ViT-B-32`, optionally with `pretrained` tag or checkpoint), `loc
 or a JSON config path (flat model config or nested `{model_cfg, preprocess_cfg}`; `pretrained` may then be a
 checkpoint file). Both towers exist because export writes a full CLIP; the tower not trained is frozen and never run.
 
-Never imports the teacher (kdcache.cache.teacher): the trainer builds students only.
+Never imports the teacher (kdcache.teacher): the trainer builds students only.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 
+from kdcache.constants import TOWERS
 from kdcache.modelcfg import (
     ConfigError,
     jsonable,
@@ -44,7 +45,6 @@ from kdcache.modelcfg import (
 
 logger = logging.getLogger(__name__)
 
-TOWERS = ("image", "text")
 
 
 class StudentError(ValueError):

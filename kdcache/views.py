@@ -59,7 +59,7 @@ def eval_transform_uint8(preprocess: dict) -> Callable[[PIL.Image.Image], torch.
     return Compose([*steps[:-2], TF.pil_to_tensor])
 
 
-def _size_hw(preprocess: dict) -> tuple[int, int]:
+def size_hw(preprocess: dict) -> tuple[int, int]:
     size = preprocess["size"]
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -73,7 +73,7 @@ def eval_box(width: int, height: int, preprocess: dict) -> Box:
         return 0, 0, width, height
     if mode != "shortest":
         raise ValueError(f"unknown resize_mode {mode!r}")
-    th, tw = _size_hw(preprocess)
+    th, tw = size_hw(preprocess)
     ratio = min(height / th, width / tw)  # source pixels per target pixel after the shortest-edge resize
     bw, bh = min(width, round(tw * ratio)), min(height, round(th * ratio))
     return round((width - bw) / 2), round((height - bh) / 2), bw, bh

@@ -32,13 +32,13 @@ from open_clip import factory as oc_factory
 from open_clip import pretrained as oc_pretrained
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from kdcache.cache.sources import file_sha256
 from kdcache.modelcfg import ConfigError, jsonable, load_config_file, write_local_dir
-from kdcache.precision import autocast
+from kdcache.precision import autocast, resolve_device
+from kdcache.shards import file_sha256
+from kdcache.views import size_hw
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 # Module initialisation draws from the torch RNG; a fixed seed in a forked RNG makes a random-init teacher the same in
 # every run (two builds of the quickstart cache are identical) and leaves the caller's RNG untouched.
 INIT_SEED = 0
@@ -254,30 +254,12 @@ def _resolve(spec: str, pretrained: str | None) -> Iterator[_Source]:
 
 
 def _check_device(device: str, precision: str) -> tuple[torch.device, str]:
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise TeacherError(f"--device {device!r}: {e}") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TeacherError(f"--device {device}: CUDA is not available (torch.cuda.is_available() is False); "
-                               "use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise TeacherError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise TeacherError(f"--device {device}: MPS is not available")
-    if precision not in PRECISIONS:
-        raise TeacherError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision != "fp32" and dev.type != "cuda":
-        logger.warning("--precision %s uses CUDA autocast; on %s the teacher runs in fp32", precision, dev.type)
-        precision = "fp32"
-    return dev, precision
+    return resolve_device(device, precision, error=TeacherError, who="the teacher")
 
 
 def _final_preprocess(model: torch.nn.Module, src: _Source) -> dict:
     pp = jsonable(dict(model.visual.preprocess_cfg))
-    h, w = (pp["size"], pp["size"]) if isinstance(pp["size"], int) else pp["size"]
-    pp["size"] = [int(h), int(w)]
+    pp["size"] = list(size_hw(pp))
     for k in ("mean", "std"):
         if not isinstance(pp[k], list):
             pp[k] = [float(pp[k])] * 3  # a scalar statistic, as open_clip's image_transform broadcasts it

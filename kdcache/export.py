@@ -59,7 +59,7 @@ def _from_run(run_dir: str, tower: str) -> tuple[_Tower, dict]:
 
 
 def _from_teacher(spec: str, pretrained: str | None) -> _Tower:
-    from kdcache.cache.teacher import load_teacher  # only the export (never train) builds a teacher
+    from kdcache.teacher import load_teacher  # only the export (never train) builds a teacher
 
     t = load_teacher(spec, pretrained=pretrained)
     state = {k: v.detach().cpu() for k, v in t.model.state_dict().items()}
