@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from kdcache import __version__
 from kdcache.modelcfg import open_clip_from_config
+from kdcache.teacher import load_teacher, same_teacher, teacher_mismatch
 from kdcache.train.loop import load_run_student
 
 log = logging.getLogger(__name__)
@@ -59,20 +60,18 @@ def _from_run(run_dir: str, tower: str) -> tuple[_Tower, dict]:
 
 
 def _from_teacher(spec: str, pretrained: str | None) -> _Tower:
-    from kdcache.teacher import load_teacher  # only the export (never train) builds a teacher
 
     t = load_teacher(spec, pretrained=pretrained)
     state = {k: v.detach().cpu() for k, v in t.model.state_dict().items()}
     return _Tower(copy.deepcopy(t.identity["model_cfg"]), state, t.preprocess,
-                  {"kind": "teacher", "spec": spec, "digest": t.identity["digest"]})
+                  {"kind": "teacher", "spec": spec, "digest": t.identity["digest"], "identity": dict(t.identity)})
 
 
 def _check_same_teacher(run_conf: dict, teacher: _Tower, side: str) -> None:
-    want = run_conf["teacher"].get("digest")
-    got = teacher.source.get("digest")
-    if want and got and want != got:
-        raise ExportError(f"--{side}-from-teacher {teacher.source['spec']} has weights digest {got}, but the run was "
-                          f"distilled from {run_conf['teacher'].get('spec')} ({want}): its embeddings live in that "
+    why = teacher_mismatch(run_conf["teacher"], teacher.source["identity"])
+    if why:
+        raise ExportError(f"--{side}-from-teacher {teacher.source['spec']} is not the teacher the run was distilled "
+                          f"from ({run_conf['teacher'].get('spec')}; {why}): the run's embeddings live in that "
                           "teacher's space, so the towers would not match")
 
 
@@ -109,9 +108,9 @@ def export(*, out: str, image_run: str | None = None, text_run: str | None = Non
     dims = {c["embed_dim"] for c in runs.values()}
     if len(dims) > 1:
         raise ExportError(f"the runs were distilled into different embedding sizes {sorted(dims)}")
-    fingerprints = {c["teacher"].get("digest") for c in runs.values()}
-    if len(fingerprints) > 1:
-        raise ExportError("the image and text runs were distilled from different teachers")
+    if len(runs) == 2 and not same_teacher(runs["image"]["teacher"], runs["text"]["teacher"]):
+        why = teacher_mismatch(runs["image"]["teacher"], runs["text"]["teacher"])
+        raise ExportError(f"the image and text runs were distilled from different teachers ({why})")
     (embed_dim,) = dims
     run_conf = next(iter(runs.values()))
     if image is None:

@@ -312,3 +312,38 @@ def load_teacher(spec: str, *, pretrained: str | None = None, allow_random_init:
         logit_scale = float(model.logit_scale.exp().item())
     return Teacher(model=model, tokenizer=tokenizer, identity=identity, preprocess=preprocess,
                    embed_dim=int(src.model_cfg["embed_dim"]), logit_scale=logit_scale, device=dev, precision=precision)
+
+
+# ------------------------------------------------------------------------------------------------ teacher identity
+
+def teacher_mismatch(a: dict | None, b: dict | None) -> str | None:
+    """Why two teacher identities (`Teacher.identity`, as caches and runs record it) are not the same model, or None
+    when they are. The one rule build `--resume`, online KD, eval and export share:
+
+    - weights from a file: the same checkpoint digest (sha256 of its bytes), wherever the file now lives;
+    - random init: both random, the same init seed and the same model config (there is no file to hash);
+    - and, when both records hold one, the same model config (one checkpoint read under another config, e.g. with
+      quick_gelu flipped, is another function).
+    """
+    if not a or not b:
+        return "no teacher identity recorded"
+    if a.get("model_cfg") is not None and b.get("model_cfg") is not None and a["model_cfg"] != b["model_cfg"]:
+        return "model_cfg differs"
+    if bool(a.get("random_init")) != bool(b.get("random_init")):
+        return f"random_init: {bool(a.get('random_init'))} vs {bool(b.get('random_init'))}"
+    if a.get("random_init"):
+        if a.get("init_seed") != b.get("init_seed"):
+            return f"init_seed: {a.get('init_seed')!r} vs {b.get('init_seed')!r}"
+        if a.get("model_cfg") is None or b.get("model_cfg") is None:
+            return "a random-init teacher is identified by its model config, and one side records none"
+        return None
+    if not a.get("digest") or not b.get("digest"):
+        return "no weights digest recorded"
+    if a["digest"] != b["digest"]:
+        return f"digest: {a['digest']} vs {b['digest']}"
+    return None
+
+
+def same_teacher(a: dict | None, b: dict | None) -> bool:
+    """Whether two recorded teacher identities are the same model (see `teacher_mismatch`)."""
+    return teacher_mismatch(a, b) is None

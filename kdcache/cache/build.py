@@ -34,6 +34,7 @@ from kdcache.cache.captions import CaptionRow, count_caption_records, iter_capti
 from kdcache.cache.reader import plan_units
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
 from kdcache.shards import DEFAULT_MAX_PIXELS, Reject, RejectError, ShardReport, expand_urls, iter_shard, parse_sample
+from kdcache.teacher import teacher_mismatch
 from kdcache.views import VIEW_RATIO, VIEW_SCALE, eval_box, eval_transform_uint8, random_view, render_view
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,6 @@ def resolved_build(cfg: BuildConfig, threads: int, precision: str, topk: int) ->
     }
 
 
-def _teacher_identity_for_resume(identity: dict) -> dict:
-    return {k: identity.get(k) for k in ("spec", "pretrained", "digest", "random_init", "model_cfg")}
-
-
 def check_resume_identity(old: dict, new: dict) -> None:
     """Refuse a --resume whose teacher, build settings or earlier inputs differ, naming the field (and the schema
     versions, when another kdcache wrote the cache)."""
@@ -141,10 +138,13 @@ def check_resume_identity(old: dict, new: dict) -> None:
     if str(old.get("schema_version")) != str(new.get("schema_version")):
         hint = (f" (the cache was written by another kdcache, schema {old.get('schema_version')}; this one writes "
                 f"{new.get('schema_version')})")
-    for section in ("teacher", "preprocess", "build"):
+    why = teacher_mismatch(old.get("teacher"), new.get("teacher"))
+    if why:
+        was, now = (old.get("teacher") or {}).get("spec"), (new.get("teacher") or {}).get("spec")
+        raise BuildError(f"--resume refused: teacher changed ({why}; the cache has {was!r}, now {now!r}). "
+                         f"Use --overwrite or a new --out.{hint}")
+    for section in ("preprocess", "build"):
         a, b = old.get(section), new.get(section)
-        if section == "teacher":
-            a, b = _teacher_identity_for_resume(a or {}), _teacher_identity_for_resume(b or {})
         if a != b:
             keys = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
             detail = ", ".join(f"{k}: cache has {(a or {}).get(k)!r}, now {(b or {}).get(k)!r}" for k in keys)

@@ -42,6 +42,7 @@ from kdcache.shards import (
     iter_shard,
     parse_sample,
 )
+from kdcache.teacher import same_teacher
 
 log = logging.getLogger(__name__)
 
@@ -183,17 +184,6 @@ def collect(models: Sequence[EvalModel], urls: Sequence[str], *, task: str, num_
 
 
 # --------------------------------------------------------------------------------------------------- the teacher
-
-def same_teacher(a: dict | None, b: dict | None) -> bool:
-    """Whether two teacher identities (load_teacher's `identity`, as caches record it) are the same weights."""
-    if not a or not b:
-        return False
-    if a.get("digest") and b.get("digest"):
-        return a["digest"] == b["digest"]
-    # Random-init teachers have no file to hash: same architecture and same init seed is the same model.
-    return bool(a.get("random_init") and b.get("random_init") and a.get("init_seed") == b.get("init_seed")
-                and a.get("model_cfg") == b.get("model_cfg"))
-
 
 def pick_teacher(models: Sequence[EvalModel], cache_teacher: dict | None) -> tuple[EvalModel | None, list[str]]:
     """The reference model: the teacher-form model (not an export, not a run) that the cache / the runs were distilled

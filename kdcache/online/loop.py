@@ -25,13 +25,12 @@ import torch.nn.functional as F
 
 from kdcache.cache.reader import Cache
 from kdcache.cache.schema import CAP_LOGITS
-from kdcache.teacher import Teacher, load_teacher
+from kdcache.teacher import Teacher, load_teacher, teacher_mismatch
 from kdcache.train.loop import LiveTeacher, TrainConfig, TrainError, TrainResult, run
 
 log = logging.getLogger(__name__)
 
 _PREPROCESS_KEYS = ("size", "mean", "std", "interpolation", "resize_mode")
-_SAME_TEACHER_KEYS = ("digest", "random_init", "init_seed", "model_cfg")
 
 
 class OnlineTargets:
@@ -60,10 +59,11 @@ class OnlineTargets:
                              "does not read")
         self.tower = tower
         cached = cache.attrs["teacher"]
-        if any(cached.get(k) != self.teacher.identity.get(k) for k in _SAME_TEACHER_KEYS):
-            log.warning("the online teacher (%s, digest %s) is not the teacher the cache was built with (%s, digest "
-                        "%s): the run is not comparable with offline runs on this cache", self.teacher.identity["spec"],
-                        self.teacher.identity["digest"], cached.get("spec"), cached.get("digest"))
+        why = teacher_mismatch(cached, self.teacher.identity)
+        if why:
+            log.warning("the online teacher (%s) is not the teacher the cache was built with (%s; %s): the run is not "
+                        "comparable with offline runs on this cache", self.teacher.identity["spec"], cached.get("spec"),
+                        why)
         head = None
         if CAP_LOGITS in cache.capabilities:  # as offline: the head serves kl/ce and the validation agreement
             classes, templates, _ = cache.vocab()
