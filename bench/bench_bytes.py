@@ -176,9 +176,10 @@ def stored_scale_variants(ref: Cache) -> dict[str, dict]:
 def distill(cache: str, ref: str, out: Path, *, student: str, steps: int, batch_size: int, seed: int,
             val_fraction: float, images: tuple[str, ...]) -> dict:
     """Train on `cache`; report the final val cosine to its own targets and to `ref`'s (the fp32 build)."""
+    from kdcache.train.config import TrainConfig
     from kdcache.train.data import DataSpec, make_loader
-    from kdcache.train.loop import TrainConfig, load_run_student
     from kdcache.train.loop import run as train
+    from kdcache.train.rundir import load_run_student
 
     t0 = time.perf_counter()
     res = train(TrainConfig(cache=cache, tower="image", student=student, out=str(out), max_steps=steps,

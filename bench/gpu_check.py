@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
     from kdcache.quickstart import tiny_teacher_path
     from kdcache.synth import write_captions, write_image_shards
     from kdcache.teacher import load_teacher
-    from kdcache.train.loop import TrainConfig
+    from kdcache.train.config import TrainConfig
     from kdcache.train.loop import run as train
 
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}

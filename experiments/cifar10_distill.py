@@ -25,7 +25,7 @@ from kdcache.eval.compare import write_compare
 from kdcache.eval.run import EvalConfig
 from kdcache.eval.run import run as evaluate
 from kdcache.export import export
-from kdcache.train.loop import TrainConfig
+from kdcache.train.config import TrainConfig
 from kdcache.train.loop import run as train
 
 HERE = Path(__file__).parent

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from kdcache import __version__
 from kdcache.modelcfg import open_clip_from_config
 from kdcache.teacher import load_teacher, same_teacher, teacher_mismatch
-from kdcache.train.loop import load_run_student
+from kdcache.train.rundir import load_run_student, read_done
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _from_run(run_dir: str, tower: str) -> tuple[_Tower, dict]:
     if conf["tower"] != tower:
         raise ExportError(f"{run_dir} trained the {conf['tower']} tower, not the {tower} tower")
     cfg = student.folded_config(conf["embed_dim"])
-    done = json.loads((Path(run_dir) / "done.json").read_text())
+    done = read_done(run_dir)
     src = {"kind": "run", "run": str(run_dir), "student": conf["config"]["student"], "losses": conf["config"]["losses"],
            "loss_formula": conf["config"]["loss_formula"], "steps": done["steps"], "val": done.get("val", {}),
            "cache": conf["cache"], "cache_fingerprint": conf["cache_fingerprint"], "teacher": conf["teacher"]}
@@ -59,9 +59,8 @@ def _from_run(run_dir: str, tower: str) -> tuple[_Tower, dict]:
         conf
 
 
-def _from_teacher(spec: str, pretrained: str | None) -> _Tower:
-
-    t = load_teacher(spec, pretrained=pretrained)
+def _from_teacher(spec: str, pretrained: str | None, allow_random_init: bool) -> _Tower:
+    t = load_teacher(spec, pretrained=pretrained, allow_random_init=allow_random_init)
     state = {k: v.detach().cpu() for k, v in t.model.state_dict().items()}
     return _Tower(copy.deepcopy(t.identity["model_cfg"]), state, t.preprocess,
                   {"kind": "teacher", "spec": spec, "digest": t.identity["digest"], "identity": dict(t.identity)})
@@ -91,7 +90,7 @@ def combine(image: _Tower, text: _Tower, embed_dim: int) -> tuple[dict, dict[str
 
 def export(*, out: str, image_run: str | None = None, text_run: str | None = None,
            image_from_teacher: str | None = None, text_from_teacher: str | None = None,
-           pretrained: str | None = None) -> Path:
+           pretrained: str | None = None, allow_random_init: bool = False) -> Path:
     """Write DIR/open_clip_config.json, DIR/open_clip_model.safetensors and DIR/README.md (a short model card)."""
     if bool(image_run) == bool(image_from_teacher) or bool(text_run) == bool(text_from_teacher):
         raise ExportError("give each tower exactly one source: --image RUN or --image-from-teacher TEACHER, and "
@@ -114,10 +113,10 @@ def export(*, out: str, image_run: str | None = None, text_run: str | None = Non
     (embed_dim,) = dims
     run_conf = next(iter(runs.values()))
     if image is None:
-        image = _from_teacher(image_from_teacher, pretrained)
+        image = _from_teacher(image_from_teacher, pretrained, allow_random_init)
         _check_same_teacher(run_conf, image, "image")
     if text is None:
-        text = _from_teacher(text_from_teacher, pretrained)
+        text = _from_teacher(text_from_teacher, pretrained, allow_random_init)
         _check_same_teacher(run_conf, text, "text")
     model_cfg, state = combine(image, text, embed_dim)
     # The teacher's logit scale: the towers were distilled into its space (a text student's own is its random init).

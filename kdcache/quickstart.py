@@ -21,7 +21,7 @@ from kdcache.eval.run import EvalConfig
 from kdcache.eval.run import run as evaluate
 from kdcache.export import export
 from kdcache.synth import write_captions, write_image_shards
-from kdcache.train.loop import TrainConfig
+from kdcache.train.config import TrainConfig
 from kdcache.train.loop import run as train
 
 TINY_TEACHER = "kdc-tiny-vit.json"

@@ -24,7 +24,7 @@ FAST = {"progress": False, "latency_batch": 4, "latency_repeats": 2, "latency_wa
 def work(tmp_path_factory, teacher_spec, shards, classes_file):
     """A cache of the fixture shards, a 5-step image run on it, and its export with the teacher's text tower."""
     from kdcache.export import export
-    from kdcache.train.loop import TrainConfig
+    from kdcache.train.config import TrainConfig
     from kdcache.train.loop import run as train
 
     d = tmp_path_factory.mktemp("eval")

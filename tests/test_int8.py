@@ -197,7 +197,8 @@ def _first_losses(run_dir: Path) -> list[float]:
 def test_training_on_int8_matches_fp32(tmp_path, caches, tower, student, terms):
     """Same student, seed and data: the losses track the fp32 cache's. Each tower has a term that sees the teacher
     vector's length (kl, l1), so a reader handing out raw codes would fail this."""
-    from kdcache.train.loop import TrainConfig, run
+    from kdcache.train.config import TrainConfig
+    from kdcache.train.loop import run
 
     losses = {}
     for dt in ("fp32", "int8"):

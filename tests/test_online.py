@@ -23,8 +23,9 @@ from kdcache.cache.reader import open_cache
 from kdcache.cli.main import cli
 from kdcache.online import OnlineTargets, run_online
 from kdcache.teacher import load_teacher
+from kdcache.train.config import TrainConfig, TrainError
 from kdcache.train.data import DataSpec, make_loader
-from kdcache.train.loop import TrainConfig, TrainError, run
+from kdcache.train.loop import run
 from kdcache.train.losses import LossInputs, WeightedLoss
 from kdcache.train.students import build_student
 

@@ -19,7 +19,9 @@ from safetensors.torch import load_file
 
 from kdcache.cli.main import cli
 from kdcache.export import ExportError, export
-from kdcache.train.loop import TrainConfig, TrainError, load_run_student, run
+from kdcache.train.config import TrainConfig, TrainError
+from kdcache.train.loop import run
+from kdcache.train.rundir import load_run_student
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,8 @@ def test_workers_persist_across_epochs_and_validation_without_changing_the_run(c
 def test_the_teacher_is_never_imported(cache, tmp_path):
     code = f"""
 import sys
-from kdcache.train.loop import TrainConfig, run
+from kdcache.train.config import TrainConfig
+from kdcache.train.loop import run
 run(TrainConfig(cache={cache!r}, out={str(tmp_path / 'r')!r}, tower="image", student="kdc-tiny-image",
                 max_steps=2, batch_size=8, progress=False, workers=1))
 bad = [m for m in sys.modules

@@ -145,6 +145,8 @@ def check_resume_identity(old: dict, new: dict) -> None:
                          f"Use --overwrite or a new --out.{hint}")
     for section in ("preprocess", "build"):
         a, b = old.get(section), new.get(section)
+        if section == "preprocess":  # where the settings were read from is provenance, not identity
+            a, b = ({k: v for k, v in (d or {}).items() if k != "source"} for d in (a, b))
         if a != b:
             keys = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
             detail = ", ".join(f"{k}: cache has {(a or {}).get(k)!r}, now {(b or {}).get(k)!r}" for k in keys)

@@ -212,8 +212,9 @@ def train(**kw) -> None:
           --loss seed001 --temperature 4 --epochs 5 --out runs/seed001
     """
     from kdcache.cache.reader import CacheError
+    from kdcache.train.config import TrainConfig, TrainError
     from kdcache.train.data import DataError
-    from kdcache.train.loop import TrainConfig, TrainError, run
+    from kdcache.train.loop import run
     from kdcache.train.losses import parse_loss_args
 
     try:
@@ -253,8 +254,11 @@ def train(**kw) -> None:
 @click.option("--text-from-teacher", default=None, metavar="SPEC",
               help="Take the text tower from this teacher (any --teacher form) instead.")
 @click.option("--pretrained", default=None, metavar="TAG|PATH", help="--pretrained of the teacher given above.")
+@click.option("--allow-random-init", is_flag=True,
+              help="Accept a teacher without weights (a run distilled from one: tests, the quickstart). It must still "
+                   "be the run's teacher: the same model config and init seed.")
 @click.option("--out", required=True, type=click.Path(), help="Directory to write (open_clip local-dir format).")
-def export(image_run, image_from_teacher, text_run, text_from_teacher, pretrained, out) -> None:
+def export(image_run, image_from_teacher, text_run, text_from_teacher, pretrained, allow_random_init, out) -> None:
     """Export a full CLIP that stock open_clip loads: create_model_and_transforms("local-dir:DIR").
 
     Each tower comes from a training run (its projection folded in) or from the teacher the run distilled.
@@ -266,11 +270,12 @@ def export(image_run, image_from_teacher, text_run, text_from_teacher, pretraine
     from kdcache.export import ExportError
     from kdcache.export import export as run_export
     from kdcache.teacher import TeacherError
-    from kdcache.train.loop import TrainError
+    from kdcache.train.config import TrainError
 
     try:
         path = run_export(out=out, image_run=image_run, text_run=text_run, image_from_teacher=image_from_teacher,
-                          text_from_teacher=text_from_teacher, pretrained=pretrained)
+                          text_from_teacher=text_from_teacher, pretrained=pretrained,
+                          allow_random_init=allow_random_init)
     except (ExportError, TrainError, TeacherError, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"exported {path}  (load: open_clip.create_model_and_transforms('local-dir:{path}'))")

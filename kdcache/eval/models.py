@@ -18,7 +18,6 @@ A `--model` is one of
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,9 @@ import torch
 from PIL import Image
 
 from kdcache.precision import autocast
+from kdcache.train import rundir
+from kdcache.train.config import TrainError
+from kdcache.train.rundir import is_run_dir, load_run_student
 from kdcache.views import eval_transform_uint8
 
 KINDS = ("open_clip", "export", "run")
@@ -129,11 +131,6 @@ def _params(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-def is_run_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / "config.json").is_file() and ((p / "done.json").is_file() or (p / "checkpoints").is_dir())
-
-
 def _local_dir_path(spec: str) -> Path | None:
     """The directory a spec names, with or without `local-dir:`, if it is one."""
     path = spec.removeprefix("local-dir:")
@@ -226,8 +223,6 @@ def _at(seq: Sequence[str], i: int) -> str | None:
 
 
 def _from_run(run_dir: str, *, label: str, device: str, precision: str, cache_path: str | None) -> EvalModel:
-    from kdcache.train.loop import TrainError, load_run_student
-
     try:
         student, conf = load_run_student(run_dir, device=device)
     except TrainError as e:
@@ -248,8 +243,8 @@ def _from_run(run_dir: str, *, label: str, device: str, precision: str, cache_pa
             provenance.update(info)
         return resolved[0](classes, templates)
 
-    ckpt = str(Path(run_dir) / "final" / "student.safetensors")
-    done = json.loads((Path(run_dir) / "done.json").read_text())
+    ckpt = str(rundir.final_weights(run_dir))
+    done = rundir.read_done(run_dir)
     c = conf["config"]
     image_params = _params(student.model.visual) + _params(student.proj)
     provenance.update(run=os.path.abspath(run_dir), student=c["student"], losses=c["losses"],

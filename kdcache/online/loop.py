@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from kdcache.cache.reader import Cache
 from kdcache.cache.schema import CAP_LOGITS
 from kdcache.teacher import Teacher, load_teacher, teacher_mismatch
-from kdcache.train.loop import LiveTeacher, TrainConfig, TrainError, TrainResult, run
+from kdcache.train.config import TrainConfig, TrainError, TrainResult
+from kdcache.train.loop import LiveTeacher, run
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,8 @@ Data order is a pure function of (seed, epoch, step), so a run killed at any mom
 with the same weights as an uninterrupted one. The run directory holds the resolved config, the cache fingerprint,
 metrics (JSONL + CSV), atomic checkpoints, and `done.json`, written last.
 
+The run directory's layout and its readers and writers live in kdcache/train/rundir.py.
+
 `run(cfg, targets=...)` is the one door for online distillation (kdcache/online): a `Targets` object replaces the
 cached teacher outputs of every batch with live ones. This module only defines that interface; it never builds a
 teacher.
@@ -16,82 +18,30 @@ teacher.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from kdcache import __version__
 from kdcache.cache import schema
 from kdcache.cache.reader import Cache, open_cache
 from kdcache.precision import autocast, resolve_device
+from kdcache.train import rundir
+from kdcache.train.config import TrainConfig, TrainError, TrainResult, identity
 from kdcache.train.data import DataSpec, EpochLoader, count_rows
 from kdcache.train.losses import LossInputs, WeightedLoss, default_losses
 from kdcache.train.students import Student, build_student
 
 log = logging.getLogger(__name__)
 
-DONE = "done.json"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-FINAL = "final"
-# Settings that do not change the result: a --resume may change them.
-NON_IDENTITY = ("resume", "progress", "workers", "out", "images", "checkpoint_every", "allow_incomplete")
-
-
-class TrainError(ValueError):
-    """A run that cannot start as asked; the message names the field."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    cache: str
-    tower: str
-    student: str
-    out: str
-    losses: tuple[tuple[str, float], ...] = ()     # empty: the tower's label-free default
-    temperature: float = 2.0
-    epochs: int | None = None                      # default 1 when max_steps is not given either
-    max_steps: int | None = None
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_steps: int | None = None                # default: 5% of the total steps
-    grad_clip: float = 1.0
-    accum_steps: int = 1
-    device: str = "cpu"
-    precision: str = "fp32"
-    workers: int = 0
-    threads: int | None = None
-    images: tuple[str, ...] = ()
-    seed: int = 0
-    student_pretrained: str | None = None
-    val_fraction: float = 0.05
-    buffer: int = 2048
-    checkpoint_every: int = 200
-    allow_incomplete: bool = False
-    resume: bool = False
-    progress: bool = True
-
-
-@dataclass
-class TrainResult:
-    out: str
-    steps: int
-    epochs_done: int
-    final_val: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,114 +68,6 @@ class Targets(Protocol):
 
     def describe(self) -> dict:
         """JSON identity of the live teacher: recorded in config.json and part of the --resume identity."""
-
-
-# --------------------------------------------------------------------------------------------------- run directory
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run_dir: Path, *, student: Student, optimizer, scheduler, step: int, epoch: int,
-                    epoch_step: int, meta: dict, keep: int = 2) -> Path:
-    """Write checkpoints/step-N/ completely under a temporary name, rename it, then point `latest` at it."""
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()},
-              str(tmp / "student.safetensors"))
-    tensors, state_meta = _flatten_train_state(optimizer, scheduler)
-    save_file(tensors, str(tmp / "train_state.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "epoch": epoch, "epoch_step": epoch_step,
-                                               "train_state": state_meta}, indent=2))
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _atomic_write_text(root / LATEST, name)
-    for old in sorted(p for p in root.glob("step-*") if p.name != name)[:-max(keep - 1, 0) or None]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _flatten_train_state(optimizer, scheduler) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer/scheduler/RNG state as safetensors tensors + JSON (no pickles in a run directory)."""
-    opt = optimizer.state_dict()
-    tensors = {"torch_rng": torch.get_rng_state()}
-    scalars: dict[str, dict] = {}
-    for idx, st in opt["state"].items():
-        for name, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{idx}.{name}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[name] = v
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    return tensors, {"param_groups": opt["param_groups"], "scalars": scalars, "scheduler": sched}
-
-
-def _restore_train_state(optimizer, scheduler, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    for idx, sc in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(sc)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["param_groups"])})
-    torch.set_rng_state(tensors["torch_rng"])
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    p = run_dir / CHECKPOINTS / LATEST
-    if not p.exists():
-        return None
-    ck = run_dir / CHECKPOINTS / p.read_text().strip()
-    return ck if (ck / "meta.json").exists() else None
-
-
-def _identity(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in NON_IDENTITY}
-
-
-class _Metrics:
-    """metrics.jsonl (appended every step) and metrics.csv (rewritten from the JSONL at each epoch end)."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None):
-        self.jsonl, self.csv = run_dir / METRICS, run_dir / "metrics.csv"
-        if resume_step is not None and self.jsonl.exists():  # drop rows logged after the checkpoint we resume from
-            rows = [r for r in self._rows() if r.get("step", 0) <= resume_step]
-            _atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
-        elif resume_step is None and self.jsonl.exists():
-            self.jsonl.unlink()
-        self.fh = open(self.jsonl, "a")  # noqa: SIM115 - closed in close()
-
-    def _rows(self) -> list[dict]:
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
-
-    def log(self, row: dict) -> None:
-        self.fh.write(json.dumps(row) + "\n")
-        self.fh.flush()
-
-    def write_csv(self) -> None:
-        self.fh.flush()
-        rows = self._rows()
-        cols = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.csv.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.csv)
-
-    def close(self) -> None:
-        self.fh.close()
 
 
 # -------------------------------------------------------------------------------------------------------- the loop
@@ -321,24 +163,14 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
     check_requirements(cache, cfg.tower, loss_fn)
     live = None if targets is None else targets.prepare(cache, tower=cfg.tower, needs=loss_fn.needs, device=device)
 
-    resolved = {**_identity(cfg), "losses": weights, "loss_formula": loss_fn.formula, "precision": precision,
+    resolved = {**identity(cfg), "losses": weights, "loss_formula": loss_fn.formula, "precision": precision,
                 "threads": torch.get_num_threads()}
     if targets is not None:
         resolved.update(mode="online", online_teacher=targets.describe())
     fingerprint = cache.fingerprint()
     ckpt = None
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.resume:
-            raise TrainError(f"{run_dir} already exists: pass --resume to continue it, or choose a new --out")
-        old = json.loads((run_dir / CONFIG).read_text())
-        if old["cache_fingerprint"] != fingerprint:
-            raise TrainError(f"--resume refused: the cache changed (cache_fingerprint {old['cache_fingerprint']} "
-                             f"-> {fingerprint})")
-        changed = sorted(k for k in set(old["config"]) | set(resolved) if old["config"].get(k) != resolved.get(k))
-        if changed:
-            detail = ", ".join(f"{k}: {old['config'].get(k)!r} -> {resolved.get(k)!r}" for k in changed)
-            raise TrainError(f"--resume refused: config changed ({detail})")
-        ckpt = latest_checkpoint(run_dir)
+    if rundir.check_resume(run_dir, resume=cfg.resume, fingerprint=fingerprint, resolved=resolved):
+        ckpt = rundir.latest_checkpoint(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     embed_dim = cache.embed_dim if live is None else live.embed_dim
@@ -383,14 +215,14 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
 
         if ckpt is not None:
-            student.load_state_dict(load_file(str(ckpt / "student.safetensors"), device=str(device)))
-            _restore_train_state(optimizer, scheduler, load_file(str(ckpt / "train_state.safetensors")),
+            student.load_state_dict(load_file(str(ckpt / rundir.WEIGHTS), device=str(device)))
+            rundir.restore_train_state(optimizer, scheduler, load_file(str(ckpt / "train_state.safetensors")),
                                  ckpt_meta["train_state"])
             log.info("resuming from %s (step %d, epoch %d)", ckpt.name, step, epoch)
         elif cfg.resume:
             log.info("--resume: no checkpoint in %s yet, starting from step 0", run_dir)
 
-        _atomic_write_text(run_dir / CONFIG, json.dumps({
+        rundir.write_config(run_dir, {
             "config": resolved, "cache": cfg.cache, "cache_fingerprint": fingerprint, "student_config": student.config,
             "student_preprocess": student.preprocess, "embed_dim": embed_dim, "logit_scale": scale,
             "mode": "offline" if live is None else "online",
@@ -399,12 +231,16 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
                {"teacher": live.identity, "cache_teacher": cache.attrs["teacher"]}),
             "tower": cfg.tower, "kdcache_version": __version__, "steps_per_epoch": steps_per_epoch,
             "total_steps": total,
-        }, indent=2))
-        metrics = _Metrics(run_dir, step if ckpt is not None else None)
+        })
+        metrics = rundir.Metrics(run_dir, step if ckpt is not None else None)
         print(f"loss: {loss_fn.formula}  (temperature {cfg.temperature}); {rows} training rows, {steps_per_epoch} "
               f"steps/epoch, {total} steps")
 
         meta = {"cache_fingerprint": fingerprint, "tower": cfg.tower}
+
+        def checkpoint() -> None:  # the position it records is the loop's at the time of the call
+            rundir.save_checkpoint(run_dir, student=student, optimizer=optimizer, scheduler=scheduler, step=step,
+                                   epoch=epoch, epoch_step=epoch_step, meta=meta)
         final_val: dict = {}
         student.train()
         bar = tqdm(total=total, initial=step, desc=f"train {cfg.tower}", unit="step", disable=not cfg.progress,
@@ -442,8 +278,7 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
                     bar.update(1)
                     end_of_epoch = epoch_step >= steps_per_epoch
                     if step % cfg.checkpoint_every == 0 and not end_of_epoch and step < total:
-                        save_checkpoint(run_dir, student=student, optimizer=optimizer, scheduler=scheduler, step=step,
-                                        epoch=epoch, epoch_step=epoch_step, meta=meta)
+                        checkpoint()
                     if end_of_epoch or step >= total:
                         break
                 # epoch (or run) boundary: validate, checkpoint at the start of the next epoch
@@ -456,31 +291,12 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
                                                                           if isinstance(v, float)))
                 if epoch_step >= steps_per_epoch:
                     epoch, epoch_step = epoch + 1, 0
-                save_checkpoint(run_dir, student=student, optimizer=optimizer, scheduler=scheduler, step=step,
-                                epoch=epoch, epoch_step=epoch_step, meta=meta)
+                checkpoint()
                 if step < total:
                     passes = data.start("train", epoch, epoch_step * cfg.accum_steps)
         finally:
             bar.close()
             metrics.close()
-        final = run_dir / FINAL
-        final.mkdir(exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()},
-                  str(final / "student.safetensors"))
-        _atomic_write_text(run_dir / DONE, json.dumps({"steps": step, "epochs": epoch, "val": final_val,
-                                                       "finished": time.time()}, indent=2))
+        rundir.write_final(run_dir, student, {"steps": step, "epochs": epoch, "val": final_val,
+                                              "finished": time.time()})
         return TrainResult(str(run_dir), step, epoch, final_val)
-
-
-def load_run_student(run_dir: str | Path, *, device: str = "cpu") -> tuple[Student, dict]:
-    """A finished run's student (final weights) and its config.json."""
-    run_dir = Path(run_dir)
-    if not (run_dir / DONE).exists():
-        raise TrainError(f"{run_dir} is not a finished kdcache run (no {DONE}); finish it with --resume")
-    conf = json.loads((run_dir / CONFIG).read_text())
-    c = conf["config"]
-    student = build_student(c["student"], tower=conf["tower"], teacher_dim=conf["embed_dim"],
-                            pretrained=None, seed=c["seed"])
-    student.load_state_dict(load_file(str(run_dir / FINAL / "student.safetensors"), device=device))
-    student.eval()
-    return student, conf

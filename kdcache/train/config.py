@@ -1,0 +1,56 @@
+"""What a training run is asked to do (`TrainConfig`), what it returns, and the error a bad request raises."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Settings that do not change the result: a --resume may change them.
+NON_IDENTITY = ("resume", "progress", "workers", "out", "images", "checkpoint_every", "allow_incomplete")
+
+
+class TrainError(ValueError):
+    """A run that cannot start as asked; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str
+    tower: str
+    student: str
+    out: str
+    losses: tuple[tuple[str, float], ...] = ()     # empty: the tower's label-free default
+    temperature: float = 2.0
+    epochs: int | None = None                      # default 1 when max_steps is not given either
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int | None = None                # default: 5% of the total steps
+    grad_clip: float = 1.0
+    accum_steps: int = 1
+    device: str = "cpu"
+    precision: str = "fp32"
+    workers: int = 0
+    threads: int | None = None
+    images: tuple[str, ...] = ()
+    seed: int = 0
+    student_pretrained: str | None = None
+    val_fraction: float = 0.05
+    buffer: int = 2048
+    checkpoint_every: int = 200
+    allow_incomplete: bool = False
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: str
+    steps: int
+    epochs_done: int
+    final_val: dict = field(default_factory=dict)
+
+
+def identity(cfg: TrainConfig) -> dict:
+    """The settings that determine a run's weights: a --resume must not change them."""
+    return {k: v for k, v in asdict(cfg).items() if k not in NON_IDENTITY}

@@ -1,0 +1,206 @@
+"""The run directory: one home for its layout and everything that reads or writes it.
+
+    RUN/config.json        resolved config, loss formula, cache fingerprint, student config, the teacher learnt from
+    RUN/metrics.jsonl|csv  every step's losses, lr, samples/s; validation rows at epoch ends
+    RUN/checkpoints/       step-N/ (student, optimizer/scheduler/RNG state, loader position) + `latest`, atomic
+    RUN/final/student.safetensors
+    RUN/done.json          written last: a run is finished when it exists
+
+The training loop writes it; `kdcache export`, `kdcache eval` and `kdcache compare` read it through this module (never
+through the loop). No pickles: tensors are safetensors, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdcache.train.config import TrainError
+from kdcache.train.students import Student, build_student
+
+DONE = "done.json"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+FINAL = "final"
+WEIGHTS = "student.safetensors"
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A kdcache training run directory, finished or not (config.json and done.json or checkpoints/)."""
+    p = Path(path)
+    return (p / CONFIG).is_file() and ((p / DONE).is_file() or (p / CHECKPOINTS).is_dir())
+
+
+def read_config(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / CONFIG).read_text())
+
+
+def read_done(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / DONE).read_text())
+
+
+def final_weights(run_dir: str | Path) -> Path:
+    return Path(run_dir) / FINAL / WEIGHTS
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """metrics.jsonl's rows ([] when the run has none yet)."""
+    p = Path(run_dir) / METRICS
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def check_resume(run_dir: Path, *, resume: bool, fingerprint: str, resolved: dict) -> bool:
+    """Whether `run_dir` holds an earlier run to continue. Refuses (TrainError, naming the field) an existing run
+    without --resume, and a --resume whose cache fingerprint or result-determining config changed."""
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return False
+    if not resume:
+        raise TrainError(f"{run_dir} already exists: pass --resume to continue it, or choose a new --out")
+    old = read_config(run_dir)
+    if old["cache_fingerprint"] != fingerprint:
+        raise TrainError(f"--resume refused: the cache changed (cache_fingerprint {old['cache_fingerprint']} "
+                         f"-> {fingerprint})")
+    changed = sorted(k for k in set(old["config"]) | set(resolved) if old["config"].get(k) != resolved.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {old['config'].get(k)!r} -> {resolved.get(k)!r}" for k in changed)
+        raise TrainError(f"--resume refused: config changed ({detail})")
+    return True
+
+
+def write_config(run_dir: Path, conf: dict) -> None:
+    atomic_write_text(run_dir / CONFIG, json.dumps(conf, indent=2))
+
+
+def write_final(run_dir: Path, student: Student, done: dict) -> None:
+    """The final weights, then done.json: a reader that sees done.json finds the weights complete."""
+    final = run_dir / FINAL
+    final.mkdir(exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(final / WEIGHTS))
+    atomic_write_text(run_dir / DONE, json.dumps(done, indent=2))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, *, student: Student, optimizer, scheduler, step: int, epoch: int,
+                    epoch_step: int, meta: dict, keep: int = 2) -> Path:
+    """Write checkpoints/step-N/ completely under a temporary name, rename it, then point `latest` at it."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    tmp = root / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()},
+              str(tmp / WEIGHTS))
+    tensors, state_meta = _flatten_train_state(optimizer, scheduler)
+    save_file(tensors, str(tmp / "train_state.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "epoch": epoch, "epoch_step": epoch_step,
+                                               "train_state": state_meta}, indent=2))
+    final = root / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / LATEST, name)
+    for old in sorted(p for p in root.glob("step-*") if p.name != name)[:-max(keep - 1, 0) or None]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _flatten_train_state(optimizer, scheduler) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer/scheduler/RNG state as safetensors tensors + JSON (no pickles in a run directory)."""
+    opt = optimizer.state_dict()
+    tensors = {"torch_rng": torch.get_rng_state()}
+    scalars: dict[str, dict] = {}
+    for idx, st in opt["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = v
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    return tensors, {"param_groups": opt["param_groups"], "scalars": scalars, "scheduler": sched}
+
+
+def restore_train_state(optimizer, scheduler, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, sc in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(sc)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(meta["param_groups"])})
+    torch.set_rng_state(tensors["torch_rng"])
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    p = run_dir / CHECKPOINTS / LATEST
+    if not p.exists():
+        return None
+    ck = run_dir / CHECKPOINTS / p.read_text().strip()
+    return ck if (ck / "meta.json").exists() else None
+
+
+class Metrics:
+    """metrics.jsonl (appended every step) and metrics.csv (rewritten from the JSONL at each epoch end)."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.jsonl, self.csv = run_dir / METRICS, run_dir / METRICS_CSV
+        if resume_step is not None and self.jsonl.exists():  # drop rows logged after the checkpoint we resume from
+            rows = [r for r in self._rows() if r.get("step", 0) <= resume_step]
+            atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        elif resume_step is None and self.jsonl.exists():
+            self.jsonl.unlink()
+        self.fh = open(self.jsonl, "a")  # noqa: SIM115 - closed in close()
+
+    def _rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+
+    def log(self, row: dict) -> None:
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+
+    def write_csv(self) -> None:
+        self.fh.flush()
+        rows = self._rows()
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        tmp = self.csv.with_name(".metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.csv)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def load_run_student(run_dir: str | Path, *, device: str = "cpu") -> tuple[Student, dict]:
+    """A finished run's student (final weights) and its config.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / DONE).exists():
+        raise TrainError(f"{run_dir} is not a finished kdcache run (no {DONE}); finish it with --resume")
+    conf = json.loads((run_dir / CONFIG).read_text())
+    c = conf["config"]
+    student = build_student(c["student"], tower=conf["tower"], teacher_dim=conf["embed_dim"],
+                            pretrained=None, seed=c["seed"])
+    student.load_state_dict(load_file(str(run_dir / FINAL / WEIGHTS), device=device))
+    student.eval()
+    return student, conf
