@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-# The same settings as the `kdcache` group's (kept here so this module does not import main, which imports it).
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120, "show_default": True}
+from kdcache.cli import options
+from kdcache.cli.options import CONTEXT
 
 
 @click.command("eval", context_settings=CONTEXT)
@@ -23,33 +23,27 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120, "sho
                    "captioned (.txt/.json) for retrieval.")
 @click.option("--task", required=True, type=click.Choice(["zeroshot", "retrieval"]),
               help="zeroshot: top-1/top-5, P/R/F1, confusion; retrieval: image<->text R@1/5/10.")
-@click.option("--classes", default=None, metavar="NAME|FILE",
-              help="Class vocabulary for zeroshot: cifar10, cifar100, imagenet, or a file with one class per line "
-                   "(index = .cls label).")
-@click.option("--templates", default=None, metavar="NAME|FILE",
-              help="Prompt templates for zeroshot: simple, openai, photo, or a file, one template per line. "
-                   "[default: simple]")
+@options.classes("Class vocabulary for zeroshot: cifar10, cifar100, imagenet, or a file with one class per line "
+                 "(index = .cls label).")
+@options.templates("Prompt templates for zeroshot: simple, openai, photo, or a file, one template per line.")
 @click.option("--cache", default=None, type=click.Path(exists=True),
               help="A kdcache cache: agreement with its cached teacher outputs when no teacher is among --model and "
                    "the eval shards are the cache's; also where a run's cache is if it moved.")
-@click.option("--pretrained", default=None, metavar="TAG|PATH",
-              help="--pretrained of the teacher-form --model (open_clip tag or checkpoint file).")
-@click.option("--allow-random-init", is_flag=True,
-              help="Accept a teacher-form model without weights (tests, the quickstart): its numbers are meaningless.")
+@options.pretrained("--pretrained of the teacher-form --model (open_clip tag or checkpoint file).")
+@options.allow_random_init("Accept a teacher-form model without weights (tests, the quickstart): its numbers are "
+                           "meaningless.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Report directory: report.json, report.md, confusion-*.csv.")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Evaluate only the first N usable samples.")
 @click.option("--batch-size", default=64, type=click.IntRange(1), help="Images per forward pass.")
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:1, ... (evaluation and timing).")
-@click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="Autocast precision (CUDA only; CPU runs fp32).")
-@click.option("--threads", default=None, type=click.IntRange(1),
-              help="torch CPU threads [default: torch's]. CPU timings depend on it; it is recorded.")
+@options.device("cpu, cuda, cuda:1, ... (evaluation and timing).")
+@options.precision("Autocast precision (CUDA only; CPU runs fp32).")
+@options.threads("torch CPU threads [default: torch's]. CPU timings depend on it; it is recorded.")
 @click.option("--latency-batch", default=32, type=click.IntRange(1), help="Batch size of the throughput measurement.")
 @click.option("--latency-repeats", default=10, type=click.IntRange(1),
               help="Timed calls per model and batch size (the median is reported).")
 @click.option("--latency-warmup", default=2, type=click.IntRange(0), help="Untimed warm-up calls per model.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@options.no_progress()
 def eval_cmd(**kw) -> None:
     """Evaluate teacher and students on the same shards: accuracy, agreement with the teacher, size and latency.
 
@@ -87,7 +81,7 @@ def eval_cmd(**kw) -> None:
 @click.option("--remeasure", is_flag=True,
               help="Reload every model and re-time them all side by side in this process (else ratios between "
                    "models timed in separate evals are marked †).")
-@click.option("--device", default="cpu", help="Device for --remeasure.")
+@options.device("Device for --remeasure.")
 @click.option("--run", "runs", multiple=True, type=click.Path(exists=True, file_okay=False), metavar="RUN",
               help="Extra training run whose curves to plot (repeatable); runs evaluated directly are plotted anyway.")
 @click.option("--latency-batch", default=None, type=click.IntRange(1),

@@ -9,8 +9,8 @@ import sys
 import click
 
 from kdcache import __version__
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 120, "show_default": True}
+from kdcache.cli import options
+from kdcache.cli.options import CONTEXT
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -44,45 +44,37 @@ def cli(verbose: bool) -> None:
 @click.option("--teacher", required=True, metavar="SPEC",
               help="open_clip model: built-in name (with --pretrained), hf-hub:org/repo, local-dir:PATH, or a "
                    "model-config JSON file (flat, or nested {model_cfg, preprocess_cfg}).")
-@click.option("--pretrained", default=None, metavar="TAG|PATH",
-              help="open_clip pretrained tag, or a local .pt/.bin/.safetensors checkpoint (built-in names and JSON).")
-@click.option("--allow-random-init", is_flag=True,
-              help="Accept a teacher whose weights were not loaded (tests, benchmarks). Its outputs are meaningless.")
+@options.pretrained("open_clip pretrained tag, or a local .pt/.bin/.safetensors checkpoint (built-in names and JSON).")
+@options.allow_random_init("Accept a teacher whose weights were not loaded (tests, benchmarks). Its outputs are "
+                           "meaningless.")
 @click.option("--out", required=True, type=click.Path(), help="Cache directory to write (a zarr v3 group).")
 @click.option("--views", default=1, type=click.IntRange(1),
               help="Views per image. View 0 is the teacher's eval transform; views 1..K-1 are random-resized-crop + "
                    "flip, keyed by (seed, shard, position, view) and stored so students can replay them exactly.")
-@click.option("--classes", default=None, metavar="NAME|FILE",
-              help="Class vocabulary for the zero-shot head and top-k logits: cifar10, cifar100, imagenet, or a "
-                   "text file with one class per line. Without it no logits are stored.")
-@click.option("--templates", default=None, metavar="NAME|FILE",
-              help="Prompt templates: simple, openai, photo, or a file with one template per line containing {}. "
-                   "[default: simple]")
+@options.classes("Class vocabulary for the zero-shot head and top-k logits: cifar10, cifar100, imagenet, or a "
+                 "text file with one class per line. Without it no logits are stored.")
+@options.templates("Prompt templates: simple, openai, photo, or a file with one template per line containing {}.")
 @click.option("--topk", default=10, type=click.IntRange(1), help="Top-k logits stored per view (capped at classes).")
 @click.option("--batch-size", default=64, type=click.IntRange(1),
               help="Teacher batch (formed within a shard; part of the cache identity on CPU).")
 @click.option("--workers", default=0, type=click.IntRange(0),
               help="DataLoader decode workers. 0 on CPU (decode competes with the teacher for cores); use some on GPU.")
-@click.option("--threads", default=None, type=click.IntRange(1),
-              help="torch CPU threads [default: torch's default]. Part of the cache identity: CPU results "
-                   "depend on it.")
-@click.option("--device", default="cpu", help="Teacher device: cpu, cuda, cuda:1, ...")
-@click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="Teacher autocast precision (CUDA only; CPU always runs fp32).")
-@click.option("--embed-dtype", default="fp16", type=click.Choice(["fp16", "fp32", "int8"]),
-              help="Storage of the embeddings: fp16, fp32, or int8 with a per-vector scale (about half of fp16's "
-                   "bytes; lossy, see README 'Performance').")
+@options.threads("torch CPU threads [default: torch's default]. Part of the cache identity: CPU results "
+                 "depend on it.")
+@options.device("Teacher device: cpu, cuda, cuda:1, ...")
+@options.precision("Teacher autocast precision (CUDA only; CPU always runs fp32).")
+@options.embed_dtype("Storage of the embeddings: fp16, fp32, or int8 with a per-vector scale (about half of fp16's "
+                     "bytes; lossy, see README 'Performance').")
 @click.option("--seed", default=0, type=int, help="Seed of the view generator.")
 @click.option("--limit", default=None, type=click.IntRange(1),
               help="Only the first N image samples and N caption records (dry runs; single process).")
-@click.option("--max-pixels", default=89_478_485, type=click.IntRange(1),
-              help="Images with more pixels are rejected as too_large.")
+@options.max_pixels("Images with more pixels are rejected as too_large.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted build, or extend it with inputs appended at the end.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache at --out and build again.")
 @click.option("--allow-failed-shards", is_flag=True,
               help="Exit 0 even when some shards failed (truncated tars); they stay marked failed in the cache.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@options.no_progress("No progress bars.")
 def build(**kw) -> None:
     """Run the teacher once over image shards and caption corpora and write the cache.
 
@@ -135,7 +127,7 @@ def info(cache: str, as_json: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("cache", type=click.Path(exists=True))
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@options.no_progress()
 def verify(cache: str, no_progress: bool) -> None:
     """Check every chunk of a cache: present, decodable (checksums), row counts, finite unit-norm embeddings.
 
@@ -158,7 +150,7 @@ def verify(cache: str, no_progress: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.option("--cache", required=True, type=click.Path(exists=True), help="The teacher cache (from kdcache build).")
-@click.option("--tower", required=True, type=click.Choice(["image", "text"]), help="Which student tower to train.")
+@options.tower("Which student tower to train.")
 @click.option("--student", required=True, metavar="NAME|CONFIG.json",
               help="kdcache student (kdc-seed-image-vit, kdc-seed-text, kdc-tiny-image, kdc-tiny-text), any open_clip "
                    "model name, or an open_clip model-config JSON. Random init unless --student-pretrained.")
@@ -178,12 +170,11 @@ def verify(cache: str, no_progress: bool) -> None:
 @click.option("--weight-decay", default=0.05, type=float, help="AdamW weight decay (not on biases and norms).")
 @click.option("--warmup-steps", default=None, type=click.IntRange(0), help="Warmup steps [default: 5% of steps].")
 @click.option("--grad-clip", default=1.0, type=float, help="Gradient norm clipping.")
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-@click.option("--precision", default="fp32", type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="Autocast precision (CUDA only; CPU trains in fp32).")
+@options.device("cpu, cuda, cuda:1, ...")
+@options.precision("Autocast precision (CUDA only; CPU trains in fp32).")
 @click.option("--workers", default=0, type=click.IntRange(0),
               help="DataLoader workers (decode + crop replay for the image tower). Does not change the result.")
-@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads [default: torch's].")
+@options.threads("torch CPU threads [default: torch's].")
 @click.option("--images", multiple=True, metavar="PATTERN",
               help="Where the cache's image shards are now, if they moved (same shards, same order).")
 @click.option("--seed", default=0, type=int, help="Seed of student init and data order.")
@@ -200,7 +191,7 @@ def verify(cache: str, no_progress: bool) -> None:
 @click.option("--online-pretrained", default=None, metavar="TAG|PATH", help="--pretrained of --online-teacher.")
 @click.option("--online-allow-random-init", is_flag=True,
               help="Accept an --online-teacher whose weights were not loaded (benchmarks).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@options.no_progress()
 def train(**kw) -> None:
     """Train a student image or text tower from the cache alone (the teacher is never built).
 
@@ -253,10 +244,9 @@ def train(**kw) -> None:
               help="Training run whose text tower to export.")
 @click.option("--text-from-teacher", default=None, metavar="SPEC",
               help="Take the text tower from this teacher (any --teacher form) instead.")
-@click.option("--pretrained", default=None, metavar="TAG|PATH", help="--pretrained of the teacher given above.")
-@click.option("--allow-random-init", is_flag=True,
-              help="Accept a teacher without weights (a run distilled from one: tests, the quickstart). It must still "
-                   "be the run's teacher: the same model config and init seed.")
+@options.pretrained("--pretrained of the teacher given above.")
+@options.allow_random_init("Accept a teacher without weights (a run distilled from one: tests, the quickstart). "
+                           "It must still be the run's teacher: the same model config and init seed.")
 @click.option("--out", required=True, type=click.Path(), help="Directory to write (open_clip local-dir format).")
 def export(image_run, image_from_teacher, text_run, text_from_teacher, pretrained, allow_random_init, out) -> None:
     """Export a full CLIP that stock open_clip loads: create_model_and_transforms("local-dir:DIR").
