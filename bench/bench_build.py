@@ -313,7 +313,8 @@ def kdcache_build(spec: str, pretrained, urls: list[str], out: str, *, views: in
     """`kdcache build` through its Python API; the teacher load inside it is timed by wrapping load_teacher (the
     build imports it at call time), so its images/s excludes the same start-up as the other configurations."""
     import kdcache.teacher as teacher_mod
-    from kdcache.cache.build import BuildConfig, run
+    from kdcache.cache.build import run
+    from kdcache.cache.config import BuildConfig
 
     original, setup = teacher_mod.load_teacher, []
 

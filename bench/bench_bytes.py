@@ -35,7 +35,8 @@ import zarr
 from zarr.core.sync import sync
 
 from kdcache.cache import schema
-from kdcache.cache.build import BuildConfig, run
+from kdcache.cache.build import run
+from kdcache.cache.config import BuildConfig
 from kdcache.cache.reader import Cache, open_cache
 from kdcache.cache.schema import IMAGES
 from kdcache.cache.verify import info, list_keys
@@ -177,7 +178,8 @@ def distill(cache: str, ref: str, out: Path, *, student: str, steps: int, batch_
             val_fraction: float, images: tuple[str, ...]) -> dict:
     """Train on `cache`; report the final val cosine to its own targets and to `ref`'s (the fp32 build)."""
     from kdcache.train.config import TrainConfig
-    from kdcache.train.data import DataSpec, make_loader
+    from kdcache.train.dataspec import DataSpec
+    from kdcache.train.loader import make_loader
     from kdcache.train.loop import run as train
     from kdcache.train.rundir import load_run_student
 

@@ -56,7 +56,8 @@ SEED_STUDENT = "kdc-seed-image-vit"
 def make_cache(tmp: Path, *, teacher: str, pretrained: str | None, n_images: int, views: int, batch_size: int = 32,
                shards: int = 4, device: str = "cpu", precision: str = "fp32") -> str:
     """Synthetic shards + a kdcache cache built from them with `teacher` (cifar10 vocabulary, labels 0-9)."""
-    from kdcache.cache.build import BuildConfig, run
+    from kdcache.cache.build import run
+    from kdcache.cache.config import BuildConfig
 
     per = max(1, n_images // shards)
     urls = synth_shards(tmp / "shards", shards, per)

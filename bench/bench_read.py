@@ -11,7 +11,7 @@ Setup (not timed): a cache is built (`kdcache build`, 2 views) with a tiny rando
 an uncompressed copy of it is written with zarr's own API (every array re-created with compressors=None).
 
 Configurations, interleaved (rotated per round, medians [min-max]):
-  text loader      `kdcache.train.data.make_loader`, text tower, 4 epochs (a fresh loader each): cache reads +
+  text loader      `kdcache.train.loader.make_loader`, text tower, 4 epochs (a fresh loader each): cache reads +
                    shuffle + the cached caption tokens cut to the student's context (the students' tokenizer is the
                    teacher's, as with a real CLIP teacher, so nothing is tokenised; see kdcache/tokens.py)
   text loader raw  the same on the uncompressed copy
@@ -104,7 +104,8 @@ def store_bytes(path: str) -> int:
 
 
 def build_cache(tmp: Path, *, images: list[str], captions: str, teacher: str, pretrained, views: int) -> str:
-    from kdcache.cache.build import BuildConfig, run
+    from kdcache.cache.build import run
+    from kdcache.cache.config import BuildConfig
 
     out = str(tmp / "cache.zarr")
     allow_random = pretrained is None and not teacher.startswith(("local-dir:", "hf-hub:"))
@@ -287,7 +288,9 @@ def main(argv=None) -> dict:
         schema.CHUNK_BYTES = args.chunk_bytes  # read at call time by schema.chunk_rows; this process only
     from kdcache.cache.reader import open_cache
     from kdcache.synth import write_captions
-    from kdcache.train.data import DataSpec, TrainStream, make_loader
+    from kdcache.train.data import TrainStream
+    from kdcache.train.dataspec import DataSpec
+    from kdcache.train.loader import make_loader
     from kdcache.train.students import build_student
 
     students = {"text": [], "image": []}

@@ -47,7 +47,8 @@ def main(argv=None) -> dict:
         sys.exit("gpu_check.py needs CUDA")
     from bench_build import synth_shards
 
-    from kdcache.cache.build import BuildConfig, run
+    from kdcache.cache.build import run
+    from kdcache.cache.config import BuildConfig
     from kdcache.export import export
     from kdcache.quickstart import tiny_teacher_path
     from kdcache.synth import write_captions, write_image_shards

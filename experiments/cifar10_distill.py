@@ -19,8 +19,9 @@ import shutil
 import time
 from pathlib import Path
 
-from kdcache.cache.build import BuildConfig, print_summary
+from kdcache.cache.build import print_summary
 from kdcache.cache.build import run as build
+from kdcache.cache.config import BuildConfig
 from kdcache.eval.compare import write_compare
 from kdcache.eval.run import EvalConfig
 from kdcache.eval.run import run as evaluate

@@ -9,7 +9,7 @@ open_clip's local-dir format, with the checkpoint symlinked under a name open_cl
 `open_clip.create_model("local-dir:...")`. There is one loading path, so a config behaves exactly as the same model
 exported with `kdcache export` and loaded by stock open_clip.
 
-Neutral ground: shared by the cache build (teacher) and the trainer (students); it imports neither.
+Neutral ground: shared by the teacher loader and the trainer (students); it imports neither.
 """
 
 from __future__ import annotations

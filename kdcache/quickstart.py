@@ -14,7 +14,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from kdcache.cache.build import BuildConfig, print_summary, run
+from kdcache.cache.build import print_summary, run
+from kdcache.cache.config import BuildConfig
 from kdcache.cache.verify import format_info, info, verify
 from kdcache.eval.compare import write_compare
 from kdcache.eval.run import EvalConfig

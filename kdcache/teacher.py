@@ -10,7 +10,8 @@ config or the nested `{model_cfg, preprocess_cfg}` form (`pretrained` may then b
 
 The checkpoint file is resolved first with open_clip's helpers and hashed, then the model is built by
 `open_clip.create_model(..., require_pretrained=True)`, so a teacher cannot silently come back with random weights.
-Only the build (and kdcache/online) may import this module.
+Who may import it (ARCHITECTURE.md; tests/test_architecture.py enforces it): the build (stage 1), kdcache/online,
+eval and export. Never the offline trainer (kdcache/train) nor the shared modules it uses.
 """
 
 from __future__ import annotations

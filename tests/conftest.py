@@ -65,7 +65,8 @@ def classes_file(tmp_path_factory) -> str:
 
 
 def build_cache(out: Path | str, *, teacher: str, **kw):
-    from kdcache.cache.build import BuildConfig, run
+    from kdcache.cache.build import run
+    from kdcache.cache.config import BuildConfig
 
     kw.setdefault("progress", False)
     kw.setdefault("threads", 1)

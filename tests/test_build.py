@@ -16,7 +16,7 @@ from conftest import CLASSES, build_cache, cache_arrays
 from PIL import Image
 
 from kdcache.cache import schema
-from kdcache.cache.build import BuildError
+from kdcache.cache.config import BuildError
 from kdcache.cache.reader import CacheError, open_cache
 
 

@@ -98,3 +98,17 @@ def test_train_errors_are_messages_not_tracebacks(tmp_path, teacher_spec, shards
     r = CliRunner().invoke(cli, base + args)
     assert r.exit_code == 1 and message in r.output
     assert not isinstance(r.exception, ValueError)  # handled: click's SystemExit, no traceback
+
+
+def test_cli_choices_match_the_registries():
+    # The CLI spells its choices out so that `kdcache --help` does not import torch; they must stay the registries'.
+    from kdcache.constants import PRECISIONS, TOWERS
+    from kdcache.eval.tasks import TASKS
+
+    def choices(command, name):
+        (param,) = [p for p in cli.commands[command].params if p.name == name]
+        return tuple(param.type.choices)
+
+    assert choices("eval", "task") == tuple(TASKS)
+    assert choices("train", "tower") == TOWERS
+    assert choices("build", "precision") == choices("train", "precision") == choices("eval", "precision") == PRECISIONS

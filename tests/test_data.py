@@ -18,18 +18,10 @@ from PIL import Image
 
 from kdcache.cache.reader import open_cache
 from kdcache.synth import write_captions, write_image_shards, write_tar
-from kdcache.train.data import (
-    DataError,
-    DataSpec,
-    EpochLoader,
-    PackedBatch,
-    TrainStream,
-    count_rows,
-    make_loader,
-    pack_batch,
-    split_of,
-    unpack_batch,
-)
+from kdcache.train.data import TrainStream, count_rows
+from kdcache.train.dataspec import DataError, DataSpec
+from kdcache.train.loader import EpochLoader, PackedBatch, make_loader, pack_batch, unpack_batch
+from kdcache.train.order import split_of
 from kdcache.views import crop_view
 
 CTX = 16  # the tiny teacher's text context

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import build_cache, make_teacher_dir
 
-from kdcache.cache.build import BuildError
+from kdcache.cache.config import BuildError
 from kdcache.export import ExportError, export
 from kdcache.quickstart import tiny_teacher_path
 from kdcache.teacher import load_teacher, same_teacher, teacher_mismatch

@@ -24,7 +24,8 @@ from kdcache.cli.main import cli
 from kdcache.online import OnlineTargets, run_online
 from kdcache.teacher import load_teacher
 from kdcache.train.config import TrainConfig, TrainError
-from kdcache.train.data import DataSpec, make_loader
+from kdcache.train.dataspec import DataSpec
+from kdcache.train.loader import make_loader
 from kdcache.train.loop import run
 from kdcache.train.losses import LossInputs, WeightedLoss
 from kdcache.train.students import build_student

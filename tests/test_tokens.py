@@ -13,7 +13,8 @@ from kdcache.cache import schema
 from kdcache.cache.reader import open_cache
 from kdcache.cache.verify import verify
 from kdcache.synth import write_image_shards
-from kdcache.train.data import DataSpec, make_loader
+from kdcache.train.dataspec import DataSpec
+from kdcache.train.loader import make_loader
 
 TRICKY = [
     "", "!", "!!! wow !!!", "a dog", "A  Photo\tof a CAT.", "caf\u00e9 &amp; cr\u00e8me", "it's <end_of_text> ok",
@@ -132,7 +133,7 @@ def test_resume_of_a_cache_from_before_tokens_is_refused_naming_the_schema(cache
 
     import zarr
 
-    from kdcache.cache.build import BuildError
+    from kdcache.cache.config import BuildError
 
     old = tmp_path / "old.zarr"
     shutil.copytree(cache, old)

@@ -19,20 +19,12 @@ import numpy as np
 import zarr
 
 from kdcache.cache import schema
-from kdcache.cache.schema import IMAGES, Unit
+from kdcache.cache.plan import plan_units
+from kdcache.cache.schema import Unit
 
 
 class CacheError(ValueError):
     """The cache cannot be used as asked; the message names the field or unit."""
-
-
-def plan_units(attrs: dict) -> list[Unit]:
-    """The units a cache with these root attributes is made of, in input order (the same plan the build used)."""
-    inputs = attrs["inputs"]
-    units = [Unit(IMAGES, i, url) for i, url in enumerate(inputs["images"])]
-    for c, (spec, records) in enumerate(zip(inputs["captions"], inputs["caption_records"], strict=True)):
-        units += schema.caption_units(c, spec, records)
-    return units
 
 
 def deterministic_attrs(attrs: dict) -> dict:

@@ -21,7 +21,7 @@ from kdcache.cli.options import CONTEXT
 @click.option("--data", "data", multiple=True, required=True, metavar="PATTERN",
               help="WebDataset shards (repeatable; brace patterns, fsspec URLs): labelled (.cls) for zeroshot, "
                    "captioned (.txt/.json) for retrieval.")
-@click.option("--task", required=True, type=click.Choice(["zeroshot", "retrieval"]),
+@click.option("--task", required=True, type=click.Choice(["zeroshot", "retrieval"]),  # = eval.tasks.TASKS (tested)
               help="zeroshot: top-1/top-5, P/R/F1, confusion; retrieval: image<->text R@1/5/10.")
 @options.classes("Class vocabulary for zeroshot: cifar10, cifar100, imagenet, or a file with one class per line "
                  "(index = .cls label).")
@@ -56,6 +56,7 @@ def eval_cmd(**kw) -> None:
     """
     from kdcache.eval.models import ModelError
     from kdcache.eval.run import EvalConfig, EvalError, run
+    from kdcache.eval.tasks import get_task
 
     kw["progress"] = not kw.pop("no_progress")
     cfg = EvalConfig(models=tuple(kw.pop("models")), data=tuple(kw.pop("data")), **kw)
@@ -63,10 +64,10 @@ def eval_cmd(**kw) -> None:
         report = run(cfg)
     except (EvalError, ModelError) as e:
         raise click.ClickException(str(e)) from None
+    task = get_task(report["task"])
     for m in report["models"]:
         met = m["metrics"]
-        score = (f"top-1 {100 * met['top1']:.2f}%" if report["task"] == "zeroshot"
-                 else f"R@1 I→T {100 * met['i2t_r1']:.2f}% T→I {100 * met['t2i_r1']:.2f}%")
+        score = task.score_text(met)
         click.echo(f"{m['label']}{' (teacher)' if m['is_teacher'] else ''}: {score}, "
                    f"{m['latency']['ms_per_image_b1']:.2f} ms/img")
     out = Path(cfg.out)

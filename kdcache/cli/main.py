@@ -83,7 +83,8 @@ def build(**kw) -> None:
       kdcache build --images 'data/cifar10/cifar10-train-{000..009}.tar' --classes cifar10 --views 2 \\
           --teacher local-dir:teachers/kdc-cifar10-rn18 --out cifar10.zarr
     """
-    from kdcache.cache.build import BuildConfig, BuildError, print_summary, run
+    from kdcache.cache.build import print_summary, run
+    from kdcache.cache.config import BuildConfig, BuildError
 
     if kw["resume"] and kw["overwrite"]:
         raise click.UsageError("--resume and --overwrite are mutually exclusive")
@@ -204,7 +205,7 @@ def train(**kw) -> None:
     """
     from kdcache.cache.reader import CacheError
     from kdcache.train.config import TrainConfig, TrainError
-    from kdcache.train.data import DataError
+    from kdcache.train.dataspec import DataError
     from kdcache.train.loop import run
     from kdcache.train.losses import parse_loss_args
 

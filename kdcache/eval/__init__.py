@@ -1,2 +1,6 @@
-"""Teacher vs students: `metrics` (pure functions), `models` (what --model accepts), `latency` (side-by-side
-timing), `run` (`kdcache eval`: report.json + report.md) and `compare` (`kdcache compare`: one table, plots)."""
+"""Teacher vs students (`kdcache eval`, `kdcache compare`).
+
+`tasks` (zeroshot, retrieval: each task's checks, metrics, agreement reference and report sections), `metrics` (pure
+functions), `models` (what --model accepts), `data` (the pass over the shards), `latency` (side-by-side timing),
+`report` (report.md rendering), `run` (orchestration: report.json + report.md) and `compare` (one table, plots).
+"""

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdcache.eval.run import REPORT_JSON, fmt_number, md_table
+from kdcache.eval.report import REPORT_JSON, fmt_number, md_table
+from kdcache.eval.tasks import TASKS, Task, get_task
 
 PLOT_HINT = "pip install 'kdcache[plot]'  (or: pip install matplotlib)"
 DAGGER = "†"
@@ -52,6 +53,8 @@ def load_report(report_dir: str | os.PathLike) -> dict:
         raise CompareError(f"{p}: not valid JSON ({e})") from None
     if "models" not in rep or "task" not in rep:
         raise CompareError(f"{p}: not a kdcache eval report (no models/task)")
+    if rep["task"] not in TASKS:
+        raise CompareError(f"{p}: task {rep['task']!r} is not one this kdcache knows ({', '.join(TASKS)})")
     return rep
 
 
@@ -112,11 +115,6 @@ def _check_data(reports: Sequence[dict], dirs: Sequence[str]) -> list[str]:
     return notes
 
 
-def _task_params(m: dict, task: str) -> int:
-    # Zero-shot runs only the image tower per image (the class head is computed once); retrieval runs both towers.
-    return m["image_params"] if task == "zeroshot" else m["total_params"]
-
-
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if not a or not b else a / b
 
@@ -143,29 +141,22 @@ def _remeasure(rows: Sequence[_Row], *, device: str, batch: int, repeats: int, w
     return t.conditions
 
 
-def build_table(rows: Sequence[_Row], teacher: _Row | None, task: str, *, remeasured: bool) -> tuple[str, list[str]]:
-    """The comparison table and its footnotes."""
+def build_table(rows: Sequence[_Row], teacher: _Row | None, task: Task, *, remeasured: bool) -> tuple[str, list[str]]:
+    """The comparison table and its footnotes; the task gives the metric and Δ columns and which parameters count."""
     batches = {r.latency.get("batch") for r in rows}
     b_hdr = f"img/s (batch {next(iter(batches))})" if len(batches) == 1 else "img/s (batch)"
-    if task == "zeroshot":
-        header = ["model", "top-1", "top-5", "macro P", "macro R", "macro F1", "weighted F1"]
-    else:
-        header = ["model", "I→T R@1", "I→T R@5", "I→T R@10", "T→I R@1", "T→I R@5", "T→I R@10"]
+    header = ["model", *(h for h, _ in task.metric_columns)]
     header += ["agree top-1", "cosine", "KL", "params", "MB", "ms/img", b_hdr, "×smaller", "×faster"]
-    header += ["Δ top-1", "Δ macro-F1"] if task == "zeroshot" else ["Δ I→T R@1", "Δ T→I R@1"]
+    header += [h for h, _ in task.delta_columns]
     t_ms = teacher.latency.get("ms_per_image_b1") if teacher else None
     separate: list[str] = []
     out_rows = []
     for r in rows:
         m, met, ag = r.model, r.model["metrics"], r.model.get("agreement") or {}
-        if task == "zeroshot":
-            cells = [met["top1"], met["top5"], met["macro_precision"], met["macro_recall"], met["macro_f1"],
-                     met["weighted_f1"]]
-        else:
-            cells = [met[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+        cells = [met[key] for _, key in task.metric_columns]
         name = f"**{r.label}** (teacher)" if r is teacher else r.label
         row = [name, *(_f(c, pct=True) for c in cells), _f(ag.get("top1_agreement"), pct=True),
-               _f(ag.get("cosine"), digits=3), _f(ag.get("kl"), digits=3), _f(_task_params(m, task)),
+               _f(ag.get("cosine"), digits=3), _f(ag.get("kl"), digits=3), _f(m[task.params_key]),
                _f(m["size_mb"]), _f(r.latency.get("ms_per_image_b1")),
                _f(r.latency.get("images_per_s"), digits=1) + ("" if len(batches) == 1 else
                                                              f" (b{r.latency.get('batch')})")]
@@ -173,7 +164,7 @@ def build_table(rows: Sequence[_Row], teacher: _Row | None, task: str, *, remeas
             row += ["–"] * 4
         else:
             tm = teacher.model
-            smaller = _ratio(_task_params(tm, task), _task_params(m, task))
+            smaller = _ratio(tm[task.params_key], m[task.params_key])
             # Side by side: the student's own report also timed the teacher, in the same process.
             same = remeasured or r.report is teacher.report
             t_lat = t_ms
@@ -187,10 +178,7 @@ def build_table(rows: Sequence[_Row], teacher: _Row | None, task: str, *, remeas
                 separate.append(f"{r.label} ({Path(r.report_dir).name}, {r.report['timing']['device']}) vs teacher "
                                 f"({Path(teacher.report_dir).name}, {teacher.report['timing']['device']})")
             tmet = tm["metrics"]
-            if task == "zeroshot":
-                deltas = [met["top1"] - tmet["top1"], met["macro_f1"] - tmet["macro_f1"]]
-            else:
-                deltas = [met["i2t_r1"] - tmet["i2t_r1"], met["t2i_r1"] - tmet["t2i_r1"]]
+            deltas = [met[key] - tmet[key] for _, key in task.delta_columns]
             row += [_f(smaller, digits=1, suffix="×"), _f(faster, digits=2, suffix="×") + mark,
                     *(_signed(d) for d in deltas)]
         out_rows.append(row)
@@ -198,12 +186,9 @@ def build_table(rows: Sequence[_Row], teacher: _Row | None, task: str, *, remeas
     if separate:
         notes.append(f"{DAGGER} timed in separate runs, not side by side, so the speed ratio is not trustworthy "
                      f"({'; '.join(separate)}); `kdcache compare --remeasure` re-times every model in one process.")
-    what = "image-tower" if task == "zeroshot" else "total (both towers)"
-    notes.append(f"Metrics and Δ in %, Δ in percentage points vs the teacher. params = {what} parameters; ×smaller = "
-                 "teacher params / model params"
-                 + (" (zero-shot runs only the image tower per image; the class head is precomputed)"
-                    if task == "zeroshot" else "")
-                 + "; ×faster = teacher ms/img / model ms/img at batch 1. MB = checkpoint file(s) on disk. "
+    notes.append(f"Metrics and Δ in %, Δ in percentage points vs the teacher. params = {task.params_what} parameters; "
+                 f"×smaller = teacher params / model params{task.params_note}; ×faster = teacher ms/img / model ms/img "
+                 "at batch 1. MB = checkpoint file(s) on disk. "
                  "Agreement columns are against each report's reference (see the reports).")
     return md_table(header, out_rows), notes
 
@@ -262,14 +247,13 @@ def plot_training(runs: dict[str, str], path: Path) -> bool:
     return True
 
 
-def plot_accuracy_latency(rows: Sequence[_Row], teacher: _Row | None, task: str, path: Path) -> bool:
-    """One point per model: accuracy (top-1, or mean R@1 for retrieval) against ms per image at batch 1."""
+def plot_accuracy_latency(rows: Sequence[_Row], teacher: _Row | None, task: Task, path: Path) -> bool:
+    """One point per model: the task's headline (top-1, or mean R@1 for retrieval) against ms per image at batch 1."""
     from matplotlib.figure import Figure
 
     pts = []
     for r in rows:
-        met = r.model["metrics"]
-        y = met["top1"] if task == "zeroshot" else (met["i2t_r1"] + met["t2i_r1"]) / 2
+        y = task.headline(r.model["metrics"])
         x = r.latency.get("ms_per_image_b1")
         if x:
             pts.append((r, x, 100 * y))
@@ -286,7 +270,7 @@ def plot_accuracy_latency(rows: Sequence[_Row], teacher: _Row | None, task: str,
     if max(xs) / min(xs) > 10:
         ax.set_xscale("log")
     ax.margins(x=0.2, y=0.1)  # room for the labels written right of each point
-    ax.set(xlabel="ms per image (batch 1)", ylabel="top-1 (%)" if task == "zeroshot" else "mean R@1 (%)",
+    ax.set(xlabel="ms per image (batch 1)", ylabel=task.headline_label,
            title="Accuracy vs latency")
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=120)
@@ -320,7 +304,7 @@ def write_compare(report_dirs: Sequence[str], *, out: str | None = None, remeasu
     dirs = [str(d) for d in report_dirs]
     reports = [load_report(d) for d in dirs]
     notes = _check_data(reports, dirs)
-    task = reports[0]["task"]
+    task = get_task(reports[0]["task"])
     rows, teacher, more = _collect_rows(reports, dirs)
     notes += more
     if teacher is None:

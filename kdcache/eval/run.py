@@ -7,180 +7,40 @@
 
 Every model sees the same samples, each through its own eval preprocessing. The report directory gets
 `report.json` (everything, machine-readable), `report.md` (the tables) and one `confusion-*.csv` per model.
+
+This module is the orchestration: load the models, pick the teacher, one data pass (`kdcache.eval.data`), agreement
+with the teacher or the cache, timing (`kdcache.eval.latency`), the report files. What differs between --task values
+is the task object's (`kdcache.eval.tasks`); report.md is rendered by `kdcache.eval.report`.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
-import logging
 import os
-import re
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from kdcache import __version__
 from kdcache.eval import latency as lat
 from kdcache.eval import metrics as M
-from kdcache.eval.models import EvalModel, ModelError, accepts_pretrained, resolve_model
+from kdcache.eval.config import EvalConfig, EvalError
+from kdcache.eval.data import collect, data_fingerprint
+from kdcache.eval.models import EvalModel, accepts_pretrained, resolve_model
+from kdcache.eval.report import REPORT_JSON, REPORT_MD, render_markdown
+from kdcache.eval.tasks import TASKS, Task, get_task
 from kdcache.precision import resolve_device
-from kdcache.shards import (
-    DEFAULT_MAX_PIXELS,
-    RejectError,
-    Sample,
-    ShardReport,
-    expand_urls,
-    file_sha256,
-    iter_shard,
-    parse_sample,
-)
+from kdcache.shards import expand_urls, file_sha256
 from kdcache.teacher import same_teacher
 
-log = logging.getLogger(__name__)
-
-TASKS = ("zeroshot", "retrieval")
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-CONFUSION_INLINE = 20    # confusion matrices with at most this many classes are printed in report.md
-RETRIEVAL_KS = (1, 5, 10)
-
-CONVENTIONS = [
-    "Precision/recall/F1 of a class are 0 when undefined (never predicted / no true sample), as scikit-learn's "
-    "zero_division=0. Macro averages run over the classes present in the labels or the predictions; weighted "
-    "averages weight classes by support.",
-    "Top-5 is omitted (–) when there are 5 classes or fewer: every sample would be a hit.",
-    "Retrieval: a retrieved caption is a hit when its text equals the query image's caption, and a retrieved image is "
-    "a hit when its caption text equals the query caption (captions repeat: templated captions, COCO "
-    "near-duplicates); the gallery keeps every sample, ties count as hits.",
-    "Agreement: top-1 agreement = fraction of samples whose predicted class equals the teacher's; cosine = mean "
-    "cosine between the model's and the teacher's embedding of the same sample (same embedding space only); "
-    "KL = mean KL(p_teacher ‖ p_model) of the class distributions at T=1, in nats.",
-    "Sizes in MB = 10^6 bytes of the checkpoint file(s); latency is the image tower's forward pass on a random "
-    "normalised tensor at the model's own input size (no decoding), median over repeats.",
-]
-
-
-class EvalError(ValueError):
-    """An evaluation that cannot run as asked; the message names the option."""
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What `kdcache eval` was asked (one field per option); see the CLI's --help for each."""
-
-    models: tuple[str, ...]
-    data: tuple[str, ...]
-    task: str
-    out: str
-    classes: str | None = None
-    templates: str | None = None              # None: the build's default ("simple")
-    cache: str | None = None
-    pretrained: str | None = None             # for the one --model that is a built-in name or JSON config
-    allow_random_init: bool = False
-    limit: int | None = None
-    batch_size: int = 64
-    device: str = "cpu"
-    precision: str = "fp32"
-    threads: int | None = None
-    latency_batch: int = 32
-    latency_repeats: int = 10
-    latency_warmup: int = 2
-    progress: bool = True
-
-
-@dataclass
-class _Collected:
-    """Everything gathered from one pass over the data."""
-
-    keys: list[str] = field(default_factory=list)
-    urls: list[str] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)
-    image_emb: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    text_emb: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    rejected: Counter = field(default_factory=Counter)
-    skipped: Counter = field(default_factory=Counter)
-    shard_errors: list[str] = field(default_factory=list)
-    digests: dict[str, str] = field(default_factory=dict)   # sha256 of each shard read to its end
-
-
-# ------------------------------------------------------------------------------------------------------ data pass
-
-def iter_samples(urls: Sequence[str], stats: _Collected) -> Iterator[tuple[str, Sample]]:
-    """(url, decoded sample) over the shards in order; rejected samples and damaged shards are counted, not fatal."""
-    for url in urls:
-        report = ShardReport(url)
-        for raw in iter_shard(url, report):
-            try:
-                yield url, parse_sample(raw, max_pixels=DEFAULT_MAX_PIXELS)
-            except RejectError as e:
-                stats.rejected[e.reason] += 1
-        if report.digest:  # the whole shard was read: its digest came for free
-            stats.digests[url] = report.digest
-        if report.truncated:
-            stats.shard_errors.append(f"{url}: {report.error}")
-            log.warning("shard %s: %s (samples before the damage were used)", url, report.error)
-
-
-def _encode_batch(models: Sequence[EvalModel], batch: list[Sample], col: _Collected, task: str) -> None:
-    # Models that share a preprocessing share the resized pixels: decode and resize once per distinct transform.
-    pixels: dict[str, torch.Tensor] = {}
-    for m in models:
-        key = json.dumps(m.preprocess, sort_keys=True)
-        if key not in pixels:
-            pixels[key] = torch.stack([m.transform(s.image) for s in batch])
-        col.image_emb[m.label].append(m.encode_images(pixels[key]))
-        if task == "retrieval":
-            col.text_emb[m.label].append(m.encode_texts([s.caption for s in batch]))
-
-
-def collect(models: Sequence[EvalModel], urls: Sequence[str], *, task: str, num_classes: int | None,
-            batch_size: int, limit: int | None, progress: bool) -> _Collected:
-    """One pass over the shards: every model embeds every usable sample (and its caption, for retrieval)."""
-    col = _Collected()
-    for m in models:
-        col.image_emb[m.label], col.text_emb[m.label] = [], []
-    batch: list[Sample] = []
-    bar = tqdm(total=limit, desc=f"eval {task}", unit="img", disable=not progress, dynamic_ncols=True)
-    try:
-        for url, s in iter_samples(urls, col):
-            if task == "zeroshot":
-                if s.label is None:
-                    col.skipped["no_label"] += 1
-                    continue
-                if s.label >= num_classes:
-                    raise EvalError(f"sample {s.key!r} of {url} has label {s.label}, outside the {num_classes} "
-                                    "classes of --classes: the vocabulary does not fit these shards")
-            elif s.caption is None:
-                col.skipped["no_caption"] += 1
-                continue
-            col.keys.append(s.key)
-            col.urls.append(url)
-            col.positions.append(s.position)
-            col.labels.append(-1 if s.label is None else s.label)
-            col.captions.append(s.caption or "")
-            batch.append(s)
-            if len(batch) == batch_size:
-                _encode_batch(models, batch, col, task)
-                bar.update(len(batch))
-                batch = []
-            if limit is not None and len(col.keys) >= limit:
-                break
-        if batch:
-            _encode_batch(models, batch, col, task)
-            bar.update(len(batch))
-    finally:
-        bar.close()
-    return col
+# The API of `kdcache eval`: the CLI, the quickstart and the experiments import these from here, wherever they live.
+__all__ = ["REPORT_JSON", "REPORT_MD", "EvalConfig", "EvalError", "cache_reference", "collect", "load_models",
+           "pick_teacher", "run"]
 
 
 # --------------------------------------------------------------------------------------------------- the teacher
@@ -209,12 +69,12 @@ def pick_teacher(models: Sequence[EvalModel], cache_teacher: dict | None) -> tup
 # ------------------------------------------------------------------------------------------------------ agreement
 
 def cache_reference(cache_path: str, *, urls: Sequence[str], positions: Sequence[int], keys: Sequence[str],
-                    task: str, classes: Sequence[str] | None,
-                    digests: dict[str, str] | None = None) -> tuple[dict | None, str]:
+                    task: Task, digests: dict[str, str] | None = None) -> tuple[dict | None, str]:
     """The cached teacher outputs (view 0: the teacher's eval transform) for exactly these samples, or (None, why
     not). A sample is found when its shard's bytes are a cache shard's (same sha256, whatever the path) and the row at
     its position holds its __key__: keys alone would match other shards that reuse the same names.
-    Returns {"image_emb", "text_emb"?, "logits"?, "identity"} and a note on what is missing."""
+    Returns {"image_emb", "identity"} plus the task's part ("logits" of zero-shot, "text_emb" of retrieval) and a
+    note on what is missing."""
     from kdcache.cache.reader import CacheError, open_cache
 
     try:
@@ -238,33 +98,19 @@ def cache_reference(cache_path: str, *, urls: Sequence[str], positions: Sequence
                           "sha256), so the cache has no teacher outputs for it. Add the teacher as a --model to "
                           "measure agreement.")
         unit_of[url] = by_digest[digest]
-    names = ["key", "valid", "emb"] + (["caption_emb"] if task == "retrieval" else [])
+    names = ["key", "valid", "emb", *task.cache_arrays]
     rows = {u: cache.read(units[u], names) for u in sorted(set(unit_of.values()))}
-    emb, text = [], []
+    emb: list[np.ndarray] = []
+    arrays: dict[str, list[np.ndarray]] = {n: [] for n in task.cache_arrays}
     for url, pos, key in zip(urls, positions, keys, strict=True):
         r = rows[unit_of[url]]
         if pos >= len(r["key"]) or not r["valid"][pos] or r["key"][pos] != key:
             return None, f"sample {key!r} of {url} is not a valid row of cache {cache_path} (position {pos})"
         emb.append(r["emb"][pos, 0])
-        if task == "retrieval":
-            text.append(r["caption_emb"][pos])
+        for n in task.cache_arrays:
+            arrays[n].append(r[n][pos])
     ref = {"identity": cache.attrs.get("teacher"), "image_emb": torch.from_numpy(np.stack(emb).astype(np.float32))}
-    why = ""
-    if task == "retrieval":
-        t = np.stack(text).astype(np.float32)
-        if np.isfinite(t).all():
-            ref["text_emb"] = torch.from_numpy(t)
-        else:
-            why = "some captions have no cached teacher text embedding: image cosine only"
-    elif "logits" not in cache.capabilities:
-        why = "the cache has no class head (built without --classes): cosine only"
-    else:
-        cache_classes, _, head = cache.vocab()
-        if list(cache_classes) != list(classes or []):
-            why = "the cache's classes differ from --classes: class agreement and KL unavailable, cosine only"
-        else:
-            ref["logits"] = M.class_logits(ref["image_emb"], head, logit_scale=cache.logit_scale)
-    return ref, why
+    return ref, task.add_cache_reference(ref, cache, arrays)
 
 
 def _agreement_for(m: EvalModel, ref: dict, outputs: dict) -> dict:
@@ -282,162 +128,15 @@ def _agreement_for(m: EvalModel, ref: dict, outputs: dict) -> dict:
     return res
 
 
-# --------------------------------------------------------------------------------------------------------- report
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-60:] or "model"
-
-
-def fmt_number(v, *, pct: bool = False, digits: int = 2, suffix: str = "") -> str:
-    """A table cell: "–" for missing, percentages from fractions, thousands separators for ints, and scientific
-    notation for small non-zero floats (a KL of 0.002 should not print as 0.00)."""
-    if v is None:
-        return "–"
-    if pct:
-        return f"{100 * v:.{digits}f}{suffix}"
-    if isinstance(v, int):
-        return f"{v:,}{suffix}"
-    return (f"{v:.{digits}f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2e}") + suffix
-
-
-def _fmt(v, pct: bool = False, digits: int = 2) -> str:
-    return fmt_number(v, pct=pct, digits=digits)
-
-
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
-    """A GitHub Markdown table; `align` is one character per column (l, r)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    sep = ["---:" if a == "r" else "---" for a in align]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _model_name(m: dict) -> str:
-    return f"**{m['label']}** (teacher)" if m["is_teacher"] else m["label"]
-
-
-def render_markdown(report: dict) -> str:
-    """report.md from report.json's dict."""
-    task, models = report["task"], report["models"]
-    d = report["data"]
-    out = [f"# kdcache eval: {task}", ""]
-    skipped = ", ".join(f"{k} {v}" for k, v in {**d["rejected"], **d["skipped"]}.items()) or "none"
-    out.append(f"- data: {', '.join(d['patterns'])} — {d['shards']} shard(s), **{d['samples']} samples** "
-               f"(rejected/skipped: {skipped}{'; --limit ' + str(d['limit']) if d['limit'] else ''})")
-    if task == "zeroshot":
-        out.append(f"- classes: {len(report['classes']['names'])} ({report['classes']['source']}); templates: "
-                   f"{len(report['templates']['templates'])} ({report['templates']['source']})")
-    else:
-        out.append(f"- captions: {report['retrieval']['unique_captions']} distinct texts among {d['samples']}")
-    t = report.get("teacher")
-    out.append(f"- teacher: {t if t else 'none among the models'}")
-    out.append(f"- kdcache {report['kdcache_version']}, {report['created']}")
-    out.append("")
-
-    if task == "zeroshot":
-        out += ["## Accuracy (%)", ""]
-        rows = [[_model_name(m), _fmt(m["metrics"]["top1"], True), _fmt(m["metrics"]["top5"], True),
-                 _fmt(m["metrics"]["macro_precision"], True), _fmt(m["metrics"]["macro_recall"], True),
-                 _fmt(m["metrics"]["macro_f1"], True), _fmt(m["metrics"]["weighted_f1"], True)] for m in models]
-        out.append(md_table(["model", "top-1", "top-5", "macro P", "macro R", "macro F1", "weighted F1"], rows))
-    else:
-        out += ["## Retrieval recall (%)", ""]
-        keys = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in RETRIEVAL_KS]
-        rows = [[_model_name(m), *(_fmt(m["metrics"][k], True) for k in keys)] for m in models]
-        out.append(md_table(["model", *(f"{'I→T' if k.startswith('i2t') else 'T→I'} R@{k.split('_r')[1]}"
-                                        for k in keys)], rows))
-    out.append("")
-
-    a = report["agreement"]
-    out += ["## Agreement with the teacher", ""]
-    if not a["available"]:
-        out.append(f"Unavailable: {a['reason']}")
-    else:
-        out.append(f"Reference: {a['reference']}." + (f" {a['reason']}" if a.get("reason") else ""))
-        out.append("")
-        rows = []
-        for m in models:
-            g = m.get("agreement")
-            if g is None:
-                continue
-            row = [m["label"], _fmt(g.get("top1_agreement"), True), _fmt(g.get("cosine"), digits=4),
-                   _fmt(g.get("kl"), digits=4)]
-            if task == "retrieval":
-                row.append(_fmt(g.get("text_cosine"), digits=4))
-            rows.append(row)
-        header = ["model", "top-1 agreement (%)", "image cosine", "KL(teacher‖model)"]
-        if task == "retrieval":
-            header.append("text cosine")
-        out.append(md_table(header, rows) if rows else "No model besides the reference.")
-    out.append("")
-
-    tm = report["timing"]
-    out += ["## Efficiency", "",
-            f"Device: {tm['device']}; " + ("timed side by side in one process, interleaved" if tm["side_by_side"]
-                                           else "one model timed") +
-            f", {tm['warmup']} warm-up + {tm['repeats']} timed calls per model and batch size, medians.", ""]
-    b = tm["batch"]
-    rows = [[_model_name(m), _fmt(m["image_params"]), _fmt(m["total_params"]), _fmt(m["size_mb"]),
-             _fmt(m["latency"]["ms_per_image_b1"]), _fmt(m["latency"]["images_per_s"], digits=1)] for m in models]
-    out.append(md_table(["model", "image params", "total params", "MB", "ms/img (batch 1)", f"img/s (batch {b})"],
-                        rows))
-    notes = [f"{m['label']}: {m['size_source']}" for m in models if m["size_source"] != "checkpoint file on disk"]
-    if notes:
-        out += ["", *(f"- {n}" for n in notes)]
-    out.append("")
-
-    if task == "zeroshot":
-        names = report["classes"]["names"]
-        out += ["## Per class (%)", ""]
-        for m in models:
-            pc = m["metrics"]["per_class"]
-            out += [f"### {m['label']}", ""]
-            rows = [[n, str(pc["support"][i]), _fmt(pc["precision"][i], True), _fmt(pc["recall"][i], True),
-                     _fmt(pc["f1"][i], True)] for i, n in enumerate(names)]
-            out += [md_table(["class", "support", "precision", "recall", "F1"], rows), ""]
-        out += ["## Confusion matrices (rows: true class, columns: predicted)", ""]
-        for m in models:
-            cm = m["metrics"]["confusion"]
-            out += [f"### {m['label']}", ""]
-            if isinstance(cm, list):
-                out += [md_table(["true \\ pred", *names], [[n, *map(str, r)] for n, r in zip(names, cm, strict=True)]),
-                        ""]
-            out += [f"CSV: `{m['metrics']['confusion_csv']}`", ""]
-    if report["notes"]:
-        out += ["## Notes", "", *(f"- {n}" for n in report["notes"]), ""]
-    out += ["## Definitions", "", *(f"- {c}" for c in CONVENTIONS), ""]
-    return "\n".join(out)
-
-
-def _write_confusion(path: Path, cm: np.ndarray, names: Sequence[str]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["true\\pred", *names])
-        for n, row in zip(names, cm.tolist(), strict=True):
-            w.writerow([n, *row])
-
-
-def _data_fingerprint(col: _Collected) -> str:
-    h = hashlib.sha256()
-    for url, key in zip(col.urls, col.keys, strict=True):
-        h.update(f"{os.path.basename(url)}\t{key}\n".encode())
-    return "sha256:" + h.hexdigest()[:32]
-
-
 # ------------------------------------------------------------------------------------------------------------ run
 
-def _check(cfg: EvalConfig) -> None:
-    if cfg.task not in TASKS:
-        raise EvalError(f"--task {cfg.task!r}: expected one of {', '.join(TASKS)}")
+def _check(cfg: EvalConfig, task: Task) -> None:
     if not cfg.models:
         raise EvalError("give at least one --model")
     if not cfg.data:
-        raise EvalError("give --data: labelled (zeroshot) or captioned (retrieval) WebDataset shards")
-    if cfg.task == "zeroshot" and not cfg.classes:
-        raise EvalError("--task zeroshot needs --classes (cifar10, cifar100, imagenet, or a file, one class a line)")
-    if cfg.task == "retrieval" and (cfg.classes or cfg.templates):
-        raise EvalError("--classes/--templates are for --task zeroshot, not retrieval")
+        kinds = " or ".join(f"{t.data_kind} ({name})" for name, t in TASKS.items())
+        raise EvalError(f"give --data: {kinds} WebDataset shards")
+    task.check(cfg)
     for name in ("batch_size", "latency_batch", "latency_repeats"):
         if getattr(cfg, name) < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be at least 1")
@@ -470,16 +169,12 @@ def load_models(specs: Sequence[str], *, pretrained: str | None = None, allow_ra
 
 def run(cfg: EvalConfig) -> dict:
     """Evaluate every model on the data and write REPORT_DIR/report.{json,md}; returns the report dict."""
-    _check(cfg)
+    task = get_task(cfg.task, error=EvalError)
+    _check(cfg, task)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from kdcache.vocab import load_classes, load_templates
-
-    classes = templates = None
     try:
-        if cfg.task == "zeroshot":
-            classes, classes_src = load_classes(cfg.classes)
-            templates, templates_src = load_templates(cfg.templates, classes_spec=cfg.classes)
+        task.load(cfg)
         urls = expand_urls(cfg.data)
     except (ValueError, FileNotFoundError) as e:
         raise EvalError(str(e)) from None
@@ -499,56 +194,22 @@ def run(cfg: EvalConfig) -> dict:
     teacher, notes = pick_teacher(models, cache_teacher)
 
     # Everything that can fail on a model fails here, before the data pass.
-    heads: dict[str, torch.Tensor] = {}
-    if cfg.task == "zeroshot":
-        for m in models:
-            heads[m.label] = m.zero_shot_head(classes, templates)
-            cached = m.provenance.get("cache_templates")
-            if cached is not None and list(cached) != list(templates):
-                notes.append(f"{m.label}: a run's class head is its cache's, built with the cache's "
-                             f"{len(cached)} template(s), not the {len(templates)} --templates.")
-    else:
-        for m in models:
-            if not m.can_embed_text:
-                raise ModelError(f"--model {m.label}: --task retrieval needs a text tower; a training run has only "
-                                 "its trained tower: `kdcache export` it (with the teacher's other tower) and "
-                                 "evaluate the exported directory")
+    notes += task.prepare(models)
 
     t0 = time.perf_counter()
-    col = collect(models, urls, task=cfg.task, num_classes=len(classes) if classes else None,
-                  batch_size=cfg.batch_size, limit=cfg.limit, progress=cfg.progress)
+    col = collect(models, urls, task=task, batch_size=cfg.batch_size, limit=cfg.limit, progress=cfg.progress)
     n = len(col.keys)
     if n == 0:
-        need = "labels (.cls)" if cfg.task == "zeroshot" else "captions (.txt or .json caption)"
-        raise EvalError(f"no usable samples in --data for --task {cfg.task}: it needs {need}; "
+        raise EvalError(f"no usable samples in --data for --task {task.name}: it needs {task.needs}; "
                         f"rejected {dict(col.rejected)}, skipped {dict(col.skipped)}")
     data_s = time.perf_counter() - t0
 
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = torch.tensor(col.labels)
     outputs: dict[str, dict] = {}
     per_model: dict[str, dict] = {}
     for i, m in enumerate(models):
-        img = torch.cat(col.image_emb[m.label])
-        o: dict = {"image_emb": img}
-        if cfg.task == "zeroshot":
-            logits = M.class_logits(img, heads[m.label], logit_scale=m.logit_scale)
-            o["logits"] = logits
-            rep = M.classification_report(logits.argmax(1), labels, num_classes=len(classes))
-            cm = rep.pop("confusion")
-            csv_name = f"confusion-{i}-{_slug(m.label)}.csv"
-            _write_confusion(out_dir / csv_name, cm, classes)
-            metrics = {"top1": M.topk_accuracy(logits, labels, k=1),
-                       "top5": M.topk_accuracy(logits, labels, k=5) if len(classes) > 5 else None,
-                       **rep, "confusion": cm.tolist() if len(classes) <= CONFUSION_INLINE else None,
-                       "confusion_csv": csv_name}
-        else:
-            txt = torch.cat(col.text_emb[m.label])
-            o["text_emb"] = txt
-            metrics = M.retrieval_recall(img, txt, col.captions, ks=RETRIEVAL_KS)
-        outputs[m.label] = o
-        per_model[m.label] = metrics
+        outputs[m.label], per_model[m.label] = task.evaluate(m, col, index=i, out_dir=out_dir)
 
     # Agreement: against the teacher model when there is one (same samples, its own preprocessing), else against the
     # cache's teacher outputs when the eval samples are the cache's.
@@ -561,8 +222,8 @@ def run(cfg: EvalConfig) -> dict:
             notes.append("--cache is not used for agreement: a teacher is among the models, so it is measured "
                          "against the teacher run on the eval data.")
     elif cfg.cache:
-        ref, why = cache_reference(cfg.cache, urls=col.urls, positions=col.positions, keys=col.keys, task=cfg.task,
-                                   classes=classes, digests=col.digests)
+        ref, why = cache_reference(cfg.cache, urls=col.urls, positions=col.positions, keys=col.keys, task=task,
+                                   digests=col.digests)
         if ref is None:
             agreement["reason"] = why
         else:
@@ -581,22 +242,17 @@ def run(cfg: EvalConfig) -> dict:
         "config": asdict(cfg),
         "data": {"patterns": list(cfg.data), "shards": len(urls), "samples": n, "limit": cfg.limit,
                  "rejected": dict(col.rejected), "skipped": dict(col.skipped), "shard_errors": col.shard_errors,
-                 "fingerprint": _data_fingerprint(col), "seconds": data_s},
+                 "fingerprint": data_fingerprint(col), "seconds": data_s},
         "teacher": teacher.label if teacher else None,
         "agreement": agreement, "timing": timings.conditions, "notes": notes,
         "models": [{**m.describe(), "metrics": per_model[m.label], "latency": timings.per_model[m.label],
                     "agreement": per_agreement.get(m.label)} for m in models],
+        **task.report_fields(col),
     }
-    if cfg.task == "zeroshot":
-        report["classes"] = {"names": classes, "source": classes_src}
-        report["templates"] = {"templates": templates, "source": templates_src}
-    else:
-        report["retrieval"] = {"unique_captions": len(set(col.captions)), "ks": list(RETRIEVAL_KS),
-                               "hit_rule": "caption text equality"}
     # Teacher first, then the models in the order given.
     report["models"].sort(key=lambda r: not r["is_teacher"])
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, default=_json_default), encoding="utf-8")
-    (out_dir / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
+    (out_dir / REPORT_MD).write_text(render_markdown(report, task), encoding="utf-8")
     return report
 
 

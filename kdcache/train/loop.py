@@ -36,7 +36,9 @@ from kdcache.cache.reader import Cache, open_cache
 from kdcache.precision import autocast, resolve_device
 from kdcache.train import rundir
 from kdcache.train.config import TrainConfig, TrainError, TrainResult, identity
-from kdcache.train.data import DataSpec, EpochLoader, count_rows
+from kdcache.train.data import count_rows
+from kdcache.train.dataspec import DataSpec
+from kdcache.train.loader import EpochLoader
 from kdcache.train.losses import LossInputs, WeightedLoss, default_losses
 from kdcache.train.students import Student, build_student
 

@@ -1,0 +1,167 @@
+"""The build's third step, the teacher pass: run the frozen teacher on the stream's batches and on caption blocks,
+and assemble each finished unit's arrays and status for the writer.
+
+Nothing here writes: a finished unit comes back as (data, status), host arrays filled to the schema plus the status
+object that will be written after them. The teacher is only ever loaded here, for the build.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from kdcache import tokens as cache_tokens
+from kdcache.cache import schema
+from kdcache.cache.captions import CaptionRow, iter_caption_records
+from kdcache.cache.config import BuildConfig, BuildError
+from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
+from kdcache.cache.stream import ShardMeta
+from kdcache.shards import Reject
+
+if TYPE_CHECKING:
+    from kdcache.teacher import Teacher
+
+# One teacher batch's outputs for a shard: (positions, views, emb, topk idx, topk values, lse); the last three are
+# None without a class vocabulary.
+BatchOutputs = tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                     torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The class vocabulary the cache records next to the teacher's zero-shot head (host float32 [C, D])."""
+
+    classes: list[str]
+    templates: list[str]
+    head: np.ndarray
+    classes_source: str
+    templates_source: str
+
+
+class TeacherPass:
+    """The teacher with what the cache asks of it: a zero-shot head and top-k (with --classes), the embedding dtype,
+    the tokens to store, and the array specs of image and caption units."""
+
+    def __init__(self, teacher: Teacher, *, head: torch.Tensor | None, topk: int, vocab: Vocab | None,
+                 cfg: BuildConfig):
+        self.teacher, self.head, self.topk, self.vocab = teacher, head, topk, vocab
+        self.embed_dtype, self.batch_size = cfg.embed_dtype, cfg.batch_size
+        self.tokens = cache_tokens.describe(teacher.tokenizer)  # None: this tokenizer's tokens are not stored
+        dim = teacher.embed_dim
+        self.image_specs = schema.image_arrays(views=cfg.views, dim=dim, topk=topk, embed_dtype=cfg.embed_dtype,
+                                               tokens=self.tokens)
+        self.caption_specs = schema.caption_arrays(dim=dim, embed_dtype=cfg.embed_dtype, tokens=self.tokens)
+
+    # -- teacher outputs
+    def image_outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Embeddings and, with a vocabulary, top-k logits and log-sum-exp: all computed on the teacher's device (a
+        [B, C] logits matrix never crosses to the host), then copied back once."""
+        emb = self.teacher.encode_images(pixels, on_device=True)
+        if self.head is None:
+            return emb.cpu(), None, None, None
+        with torch.inference_mode():
+            logits = self.teacher.logit_scale * emb @ self.head.T
+            val, idx = logits.topk(self.topk, dim=1)
+            lse = torch.logsumexp(logits, dim=1)
+        return emb.cpu(), idx.to(torch.int32).cpu(), val.cpu(), lse.cpu()
+
+    def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Teacher text embeddings (float32 [N, D]) and, when the cache stores them, the tokens they came from."""
+        bs = self.batch_size
+        tokens = [self.teacher.tokenizer(texts[i:i + bs]) for i in range(0, len(texts), bs)]
+        emb = [self.teacher.encode_tokens(t) for t in tokens]
+        emb = torch.cat(emb).numpy() if emb else np.empty((0, self.teacher.embed_dim), np.float32)
+        if self.tokens is None:
+            return emb, None
+        return emb, cache_tokens.store(torch.cat(tokens), self.tokens) if tokens else None
+
+    # -- finished units
+    def shard_unit(self, meta: ShardMeta, parts: list[BatchOutputs]) -> tuple[dict, dict]:
+        """An image shard's arrays and status, from its ShardMeta and the teacher outputs of all its batches (paired
+        captions are encoded here, once the shard is complete)."""
+        unit = meta.unit
+        data = schema.empty_unit_data(self.image_specs, meta.rows)
+        data["key"][:] = meta.keys
+        data["valid"][:] = meta.valid
+        data["label"][:] = meta.labels
+        data["caption"][:] = meta.captions
+        data["src_size"][:] = meta.src_size
+        data["view_box"][:] = meta.view_box
+        data["view_flip"][:] = meta.view_flip
+        for pos, view, emb, idx, val, lse in parts:
+            data["emb"][pos, view] = schema.encode_embeddings(emb.numpy(), self.embed_dtype)
+            if idx is not None:
+                data["topk_idx"][pos, view] = idx.numpy()
+                data["topk_val"][pos, view] = val.numpy()
+                data["lse"][pos, view] = lse.numpy()
+        cap_rows = [i for i, c in enumerate(meta.captions) if c and meta.valid[i]]
+        if cap_rows:
+            cap_emb, cap_tokens = self.encode_texts([meta.captions[i] for i in cap_rows])
+            data["caption_emb"][cap_rows] = schema.encode_embeddings(cap_emb, self.embed_dtype)
+            if cap_tokens is not None:
+                data["caption_tokens"][cap_rows] = cap_tokens
+        rejected = Counter(r.reason for r in meta.rejects)
+        failed = meta.report.truncated or meta.report.error is not None
+        status = {
+            "unit": unit.name, "kind": IMAGES, "source": unit.source, "state": schema.STATUS_FAILED if failed
+            else schema.STATUS_DONE, "rows": meta.rows, "valid": int(meta.valid.sum()), "rejected": dict(rejected),
+            "rejects": [asdict(r) for r in meta.rejects], "digest": meta.report.digest,
+            "truncated": meta.report.truncated, "error": meta.report.error, "labels": int((meta.labels >= 0).sum()),
+            "captions": len(cap_rows), "limited": meta.limited,
+            "timing": {"finished": time.time()},
+        }
+        return data, status
+
+    def caption_unit(self, unit: Unit, corpus: dict, quota: int | None) -> tuple[dict, dict]:
+        """A caption block's arrays and status: its records read from the corpus (the first `quota` under --limit;
+        the rest stay unwritten rows) and their teacher text embeddings."""
+        n = unit.stop - unit.start
+        stop = unit.stop if quota is None else unit.start + max(0, min(n, quota))
+        data = schema.empty_unit_data(self.caption_specs, n)
+        data["index"][:] = np.arange(unit.start, unit.stop)
+        rejects: list[Reject] = []
+        rows, texts = [], []
+        for item in iter_caption_records(corpus["kind"], corpus["path"], start=unit.start, stop=stop):
+            if isinstance(item, CaptionRow):
+                r = item.index - unit.start
+                data["text"][r], data["ref"][r], data["valid"][r] = item.text, item.ref, True
+                rows.append(r), texts.append(item.text)
+            else:
+                rejects.append(item)
+        if texts:
+            emb, tokens = self.encode_texts(texts)
+            data["emb"][rows] = schema.encode_embeddings(emb, self.embed_dtype)
+            if tokens is not None:
+                data["tokens"][rows] = tokens
+        rejected = Counter(r.reason for r in rejects)
+        status = {"unit": unit.name, "kind": CAPTIONS, "source": unit.source, "state": schema.STATUS_DONE,
+                  "rows": n, "valid": len(rows), "rejected": dict(rejected), "rejects": [asdict(r) for r in rejects],
+                  "start": unit.start, "stop": unit.stop, "limited": stop < unit.stop,
+                  "timing": {"finished": time.time()}}
+        return data, status
+
+
+def load_teacher_pass(cfg: BuildConfig) -> TeacherPass:
+    """Load the teacher cfg names and, with --classes, its zero-shot head over the class vocabulary."""
+    from kdcache.teacher import load_teacher  # the teacher is only ever imported by the build
+    from kdcache.vocab import load_classes, load_templates
+
+    teacher = load_teacher(cfg.teacher, pretrained=cfg.pretrained, allow_random_init=cfg.allow_random_init,
+                           device=cfg.device, precision=cfg.precision)
+    head, topk, vocab = None, 0, None
+    if cfg.classes:
+        classes, classes_src = load_classes(cfg.classes)
+        templates, templates_src = load_templates(cfg.templates, classes_spec=cfg.classes)
+        # float32 [C, D], kept on the teacher's device where the logits are computed
+        head = teacher.zero_shot_head(classes, templates).to(teacher.device, torch.float32)
+        topk = min(cfg.topk, len(classes))
+        vocab = Vocab(classes=classes, templates=templates, head=head.cpu().numpy(), classes_source=classes_src,
+                      templates_source=templates_src)
+    elif cfg.templates:
+        raise BuildError("--templates needs --classes")
+    return TeacherPass(teacher, head=head, topk=topk, vocab=vocab, cfg=cfg)

@@ -1,0 +1,60 @@
+"""What a build is asked to do (BuildConfig), what it answers (BuildResult) and how it refuses (BuildError).
+
+The types the build's steps share (stream, teacher pass, writer and the orchestration in `kdcache.cache.build`) live
+here, below all of them, so no step has to import the orchestration; like `kdcache.train.config` for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kdcache.cache import schema
+from kdcache.shards import DEFAULT_MAX_PIXELS
+
+
+class BuildError(RuntimeError):
+    """A build that cannot start or continue; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """The options of `kdcache build`, frozen; `kdcache.cache.build.run(cfg)` carries them out."""
+
+    out: str
+    teacher: str
+    images: tuple[str, ...] = ()
+    captions: tuple[str, ...] = ()
+    pretrained: str | None = None
+    allow_random_init: bool = False
+    views: int = 1
+    classes: str | None = None
+    templates: str | None = None
+    topk: int = 10
+    batch_size: int = 64
+    workers: int = 0
+    threads: int | None = None        # None: torch's default for this machine, recorded as resolved
+    device: str = "cpu"
+    precision: str = "fp32"
+    embed_dtype: str = "fp16"
+    seed: int = 0
+    limit: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    background: tuple[int, int, int] = (255, 255, 255)
+    resume: bool = False
+    overwrite: bool = False
+    allow_incomplete: bool = False    # exit 0 even if some shards failed (they stay marked failed in the cache)
+    progress: bool = True
+
+
+@dataclass
+class BuildResult:
+    """Where the cache is, its status, the summary consolidation recorded, and the units that failed or are missing."""
+
+    out: str
+    status: str
+    summary: dict
+    failed_units: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == schema.CACHE_COMPLETE

@@ -1,0 +1,137 @@
+"""The build's second step, the stream: decode image shards and render each sample's views, possibly in DataLoader
+workers.
+
+For every shard the stream yields uint8 `Batch`es of views for the teacher, then one `ShardMeta` holding everything
+else about the shard (keys, labels, captions, view records, rejects, the shard's read report). Nothing here depends
+on the teacher, so it runs in worker processes and hands only uint8 pixels to the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kdcache.cache.config import BuildConfig, BuildError
+from kdcache.cache.schema import Unit
+from kdcache.shards import Reject, RejectError, ShardReport, iter_shard, parse_sample
+from kdcache.views import eval_box, eval_transform_uint8, random_view, render_view
+
+
+@dataclass
+class ShardMeta:
+    """Everything about a shard except teacher outputs, produced next to decoding (maybe in a worker)."""
+
+    unit: Unit
+    rows: int
+    keys: list[str]
+    valid: np.ndarray
+    labels: np.ndarray
+    captions: list[str]
+    src_size: np.ndarray
+    view_box: np.ndarray
+    view_flip: np.ndarray
+    rejects: list[Reject]
+    report: ShardReport
+    limited: bool
+
+
+@dataclass
+class Batch:
+    """Views of one shard for the teacher; row i is view `views[i]` of the sample at `positions[i]`."""
+
+    unit: Unit
+    positions: np.ndarray  # [B]
+    views: np.ndarray      # [B]
+    pixels: torch.Tensor   # uint8 [B, 3, H, W]
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Decode shards and render views into uint8 batches; batches never cross a shard, so their composition is a
+    function of the shard alone (CPU results depend on it). With DataLoader workers, worker k takes shards k, k+W, …"""
+
+    def __init__(self, units: list[Unit], *, preprocess: dict, cfg: BuildConfig, limit: int | None = None):
+        super().__init__()
+        self.units, self.preprocess, self.cfg, self.limit = units, preprocess, cfg, limit
+
+    def __iter__(self) -> Iterator[Batch | ShardMeta]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        if self.limit is not None and nw > 1:
+            raise BuildError("--limit reads shards in order in one process; it cannot use DataLoader workers")
+        remaining = self.limit
+        for i in range(wid, len(self.units), nw):
+            for item in self.shard(self.units[i], remaining):
+                if remaining is not None and isinstance(item, ShardMeta):
+                    remaining -= item.rows
+                yield item
+
+    def shard(self, unit: Unit, quota: int | None) -> Iterator[Batch | ShardMeta]:
+        """One shard's batches then its ShardMeta; with a quota, only its first `quota` samples."""
+        cfg, V = self.cfg, self.cfg.views
+        eval_tf = eval_transform_uint8(self.preprocess)
+        size = tuple(self.preprocess["size"])
+        interp = self.preprocess["interpolation"]
+        report = ShardReport(url=unit.source)
+        keys, valid, labels, captions, sizes, boxes, flips, rejects = [], [], [], [], [], [], [], []
+        pending_pos, pending_view, pending_px = [], [], []
+        limited = quota == 0  # --limit already reached: the shard is recorded as done with no rows
+
+        def flush():
+            b = Batch(unit, np.asarray(pending_pos, np.int64), np.asarray(pending_view, np.int64),
+                      torch.stack(pending_px))
+            pending_pos.clear(), pending_view.clear(), pending_px.clear()
+            return b
+
+        for raw in iter_shard(unit.source, report) if quota != 0 else ():
+            if quota is not None and raw.position >= quota:
+                limited = True
+                break
+            keys.append(raw.key)
+            try:
+                sample = parse_sample(raw, max_pixels=cfg.max_pixels, background=cfg.background)
+            except RejectError as e:
+                rejects.append(Reject(raw.position, raw.key, e.reason, e.detail))
+                valid.append(False), labels.append(-1), captions.append("")
+                sizes.append((0, 0)), boxes.append([(0, 0, 0, 0)] * V), flips.append([False] * V)
+                continue
+            img = sample.image
+            w, h = img.size
+            valid.append(True)
+            labels.append(-1 if sample.label is None else int(sample.label))
+            captions.append(sample.caption or "")
+            sizes.append((w, h))
+            vb, vf = [eval_box(w, h, self.preprocess)], [False]
+            pending_pos.append(raw.position), pending_view.append(0), pending_px.append(eval_tf(img))
+            if len(pending_px) == cfg.batch_size:
+                yield flush()
+            for v in range(1, V):
+                box, flip = random_view(width=w, height=h, seed=cfg.seed, shard=unit.index, position=raw.position,
+                                        view=v)
+                vb.append(box), vf.append(flip)
+                pending_pos.append(raw.position), pending_view.append(v)
+                pending_px.append(render_view(img, box, flip, size=size, interpolation=interp))
+                if len(pending_px) == cfg.batch_size:
+                    yield flush()
+            boxes.append(vb), flips.append(vf)
+        if pending_px:
+            yield flush()
+        n = len(keys)
+        yield ShardMeta(
+            unit=unit, rows=n, keys=keys, valid=np.asarray(valid, bool).reshape(n),
+            labels=np.asarray(labels, np.int32).reshape(n), captions=captions,
+            src_size=np.asarray(sizes, np.int32).reshape(n, 2), view_box=np.asarray(boxes, np.int32).reshape(n, V, 4),
+            view_flip=np.asarray(flips, bool).reshape(n, V), rejects=rejects, report=report, limited=limited,
+        )
+
+
+def shard_loader(units: list[Unit], *, preprocess: dict, cfg: BuildConfig, limit: int | None,
+                 pin_memory: bool) -> torch.utils.data.DataLoader:
+    """The stream behind a DataLoader: `cfg.workers` decode processes (one per shard at most), or the main process
+    under --limit, which must read shards in order."""
+    stream = ShardStream(units, preprocess=preprocess, cfg=cfg, limit=limit)
+    workers = cfg.workers if limit is None else 0
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(workers, len(units)),
+                                       pin_memory=pin_memory, persistent_workers=False)

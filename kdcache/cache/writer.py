@@ -1,0 +1,182 @@
+"""The build's last step, the writer: the store, finished units written on a background thread, consolidation.
+
+A finished unit's arrays are written whole, then its status (DESIGN: a unit's status is written after its data, so
+"is this unit done?" has one answer). Writes run on one background thread so compression overlaps the teacher's next
+batch. After every rank has finished, rank 0 consolidates: it reads each unit's status, lists duplicate keys and
+marks the cache complete or incomplete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import zarr
+
+from kdcache.cache import schema
+from kdcache.cache.config import BuildError, BuildResult
+from kdcache.cache.schema import CAPTIONS, IMAGES, ArraySpec, Unit
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from kdcache.cache.assemble import Vocab
+
+
+# ------------------------------------------------------------------------------------------------------ unit writes
+
+def write_unit(root: zarr.Group, unit: Unit, specs: dict[str, ArraySpec], data: dict[str, np.ndarray],
+               status: dict) -> None:
+    """A finished unit: its arrays first, then its status, so a status always describes data already written."""
+    schema.write_unit(root, unit, specs, data)
+    schema.write_status(root, unit, status)
+
+
+class UnitWriter:
+    """Writes finished units on one background thread, overlapped with the next batch; at most two finished units
+    wait for their writes, which bounds memory."""
+
+    def __init__(self, root: zarr.Group):
+        self.root = root
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
+        self._pending: list[Future] = []
+
+    def submit(self, unit: Unit, specs: dict[str, ArraySpec], data: dict[str, np.ndarray], status: dict) -> None:
+        """Queue a finished unit's write (data, then status); blocks while two writes are already waiting."""
+        while len(self._pending) >= 2:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(write_unit, self.root, unit, specs, data, status))
+
+    def drain(self) -> None:
+        """Wait for every submitted write (raising the first error)."""
+        for f in self._pending:
+            f.result()
+        self._pending = []
+
+    def close(self) -> None:
+        """Stop the thread once the writes already started have finished."""
+        self._pool.shutdown(wait=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- store
+
+def cache_exists(path: str) -> bool:
+    """Whether --out already holds something (a local non-empty directory, or a zarr group at a URL)."""
+    if "://" not in path:
+        return Path(path).exists() and any(Path(path).iterdir())
+    try:
+        zarr.open_group(path, mode="r")
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return False
+
+
+def remove_cache(path: str) -> None:
+    """--overwrite: delete a local cache, refusing a directory that is not a zarr group."""
+    p = Path(path)
+    if not (p / "zarr.json").exists():
+        raise BuildError(f"--overwrite refused: {path} does not look like a zarr cache; remove it yourself")
+    shutil.rmtree(p)
+
+
+def create_cache(path: str, *, vocab: Vocab | None) -> zarr.Group:
+    """A new, empty cache at `path` (replacing whatever is there), with the class vocabulary if there is one."""
+    root = zarr.open_group(path, mode="w")
+    if vocab is not None:
+        schema.write_vocab(root, classes=vocab.classes, templates=vocab.templates, head=vocab.head,
+                           attributes={"classes_source": vocab.classes_source,
+                                       "templates_source": vocab.templates_source})
+    return root
+
+
+def reopen_cache(path: str) -> tuple[zarr.Group, dict]:
+    """An existing cache opened for writing, and its root attributes; refused unless it is a kdcache cache of the
+    schema major version this kdcache writes."""
+    root = zarr.open_group(path, mode="r+")
+    old = dict(root.attrs).get(schema.ROOT_ATTR)
+    if not old:
+        raise BuildError(f"{path} is not a kdcache cache (no '{schema.ROOT_ATTR}' attributes)")
+    major = int(str(old.get("schema_version", "0")).split(".")[0])
+    if major != schema.SCHEMA_MAJOR:
+        raise BuildError(f"{path} has schema {old.get('schema_version')}; this kdcache writes "
+                         f"{schema.SCHEMA_VERSION}")
+    return root, old
+
+
+def join_cache(path: str, *, rank: int) -> zarr.Group:
+    """The cache rank 0 created or reopened, opened for writing by another rank (after the barrier)."""
+    if not cache_exists(path):
+        raise BuildError(f"rank {rank}: {path} was not created by rank 0")
+    return zarr.open_group(path, mode="r+")
+
+
+# --------------------------------------------------------------------------------------------------- consolidation
+
+def consolidate(root: zarr.Group, units: list[Unit], *, started: float, counts_here: dict) -> BuildResult:
+    """Rank 0, after every rank finished: read each unit's status, find duplicate keys, mark the cache complete."""
+    attrs = dict(root.attrs[schema.ROOT_ATTR])
+    rejected = Counter()
+    totals = Counter()
+    failed, missing = [], []
+    labels = captions = 0
+    for u in units:
+        st = schema.read_status(root, u)
+        if st is None:
+            missing.append(u.name)
+            continue
+        if st["state"] != schema.STATUS_DONE:
+            failed.append(u.name)
+        rejected.update(st.get("rejected", {}))
+        totals[f"{u.kind}_rows"] += st["rows"]
+        totals[f"{u.kind}_valid"] += st["valid"]
+        labels += st.get("labels", 0)
+        captions += st.get("captions", 0)
+    dups = find_duplicate_keys(root, [u for u in units if u.kind == IMAGES])
+    complete = not failed and not missing
+    caps = set(attrs.get("capabilities", []))
+    if labels:
+        caps.add(schema.CAP_LABELS)
+    if captions:
+        caps.add(schema.CAP_PAIRED)
+    elapsed = time.time() - started
+    summary = {
+        "images": totals[f"{IMAGES}_valid"], "image_rows": totals[f"{IMAGES}_rows"],
+        "captions": totals[f"{CAPTIONS}_valid"], "caption_rows": totals[f"{CAPTIONS}_rows"],
+        "labelled_images": labels, "paired_captions": captions,
+        "rejected": dict(sorted(rejected.items())), "failed_units": failed, "missing_units": missing,
+        "duplicate_keys": dups,
+    }
+    attrs.update(status=schema.CACHE_COMPLETE if complete else schema.CACHE_INCOMPLETE,
+                 capabilities=[c for c in schema.KNOWN_CAPABILITIES if c in caps], summary=summary)
+    attrs["run"] = {**attrs.get("run", {}), "finished": time.time(), "seconds": elapsed, "this_run": counts_here}
+    root.attrs[schema.ROOT_ATTR] = attrs
+    summary_run = {"seconds": round(elapsed, 2), **counts_here}
+    return BuildResult(str(root.store.root) if hasattr(root.store, "root") else str(root.store), attrs["status"],
+                       {**summary, "this_run": summary_run}, failed + missing)
+
+
+def consolidated_result(path: str) -> BuildResult:
+    """What rank 0 consolidated, read back by the other ranks."""
+    attrs = dict(zarr.open_group(path, mode="r").attrs)[schema.ROOT_ATTR]
+    s = attrs["summary"]
+    return BuildResult(path, attrs["status"], s, s["failed_units"] + s["missing_units"])
+
+
+def find_duplicate_keys(root: zarr.Group, units: list[Unit]) -> dict:
+    """Keys that occur in more than one row across shards. Policy: both rows are kept; they are listed here."""
+    seen: dict[str, list[str]] = {}
+    for u in units:
+        try:
+            keys = root[f"{u.data_path}/key"][...]
+            valid = root[f"{u.data_path}/valid"][...]
+        except KeyError:
+            continue
+        for pos, (k, ok) in enumerate(zip(keys.tolist(), valid.tolist(), strict=True)):
+            if ok:
+                seen.setdefault(k, []).append(f"{u.name}:{pos}")
+    dups = {k: v for k, v in seen.items() if len(v) > 1}
+    return {"count": len(dups), "examples": dict(list(sorted(dups.items()))[:20])}

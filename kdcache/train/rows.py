@@ -1,0 +1,403 @@
+"""A tower's rows of a teacher cache: `ImageRows` and `TextRows`, behind one small interface (`Rows`).
+
+A rows class says which units its tower reads (`units`), which rows of a unit a split holds (`in_split`), what those
+rows are, in unit order and unmaterialised (`unit_rows`: cheap, computed by every worker), and how a batch of them is
+materialised (`batch`: the expensive part, done only by the batch's worker). `kdcache.train.data.TrainStream` puts the
+rows of every unit in the data order and cuts them into batches; it picks the class by tower name, in one dict.
+
+`in_split` is the one definition of a split: the stream filters each unit with it, and `count` (steps per epoch)
+applies it to the same small arrays without reading any tar.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar, Generic, TypeVar
+
+import numpy as np
+import torch
+from open_clip.transform import PreprocessCfg
+
+from kdcache import tokens as cache_tokens
+from kdcache.cache import schema
+from kdcache.cache.reader import Cache, CacheError, open_cache
+from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
+from kdcache.shards import RawSample, RejectError, ShardReport, expand_urls, iter_shard, parse_sample
+from kdcache.train.dataspec import DataError, DataSpec
+from kdcache.train.order import caption_key, choose_view, split_of
+from kdcache.views import eval_transform_uint8, render_view, size_hw
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+def _usable_units(cache: Cache, kind: str, *, captioned: bool = False) -> list[Unit]:
+    """Units whose data was written (a status exists, done or failed). Only an incomplete cache opened with
+    allow_incomplete has units without one; their arrays may be missing or half written, so they are left out.
+    `captioned`: only image units with at least one paired caption (their status counts them), so that the text
+    tower skips the others without reading their arrays."""
+    units = []
+    for u in cache.units(kind):
+        st = cache.status(u)
+        if st is None:
+            log.warning("%s: unit %s was never finished; its rows are left out", cache.path, u.name)
+            continue
+        if captioned and not st.get("captions", 1):
+            continue
+        units.append(u)
+    return units
+
+
+def _keyed(rows: np.ndarray, keys: np.ndarray, split: str, val_fraction: float) -> np.ndarray:
+    """Those of `rows` whose key (`keys[row]`) falls in `split`."""
+    return rows[[split_of(k, val_fraction) == split for k in keys[rows].tolist()]]
+
+
+class Rows(ABC, Generic[R]):
+    """One tower's rows of a cache. Built by `TrainStream` with the cache it opened (via `open`) and its keyword
+    options (student_preprocess, tokenizer, teacher_preprocess, return_texts; each class uses those it needs and
+    refuses a spec it cannot serve); the class methods also serve `count_rows`, which has no stream."""
+
+    # The arrays of a unit, by unit kind, that `in_split` reads: all that counting a split reads.
+    split_arrays: ClassVar[dict[str, tuple[str, ...]]]
+
+    @classmethod
+    def open(cls, spec: DataSpec) -> Cache:
+        """The spec's cache, checked to hold what this tower reads (a bad spec fails before any worker starts)."""
+        cache = open_cache(spec.cache, allow_incomplete=spec.allow_incomplete)
+        cls.check(cache)
+        return cache
+
+    @classmethod
+    @abstractmethod
+    def check(cls, cache: Cache) -> None:
+        """Raise CacheError, naming the capabilities, when the cache lacks what this tower reads."""
+
+    @classmethod
+    @abstractmethod
+    def units(cls, cache: Cache) -> list[Unit]:
+        """The units this tower reads, in cache order."""
+
+    @staticmethod
+    @abstractmethod
+    def in_split(a: dict[str, np.ndarray], unit: Unit, split: str, val_fraction: float) -> np.ndarray:
+        """Indices (ascending) of the unit's rows that `split` holds, from its `split_arrays` read whole."""
+
+    @classmethod
+    def count(cls, cache: Cache, split: str, val_fraction: float) -> int:
+        """Rows of `split`, from the cache's small arrays alone (no tar is read)."""
+        return sum(len(cls.in_split(cache.read(u, cls.split_arrays[u.kind]), u, split, val_fraction))
+                   for u in cls.units(cache))
+
+    @abstractmethod
+    def unit_rows(self, cache: Cache, unit: Unit, *, split: str, epoch: int) -> Iterator[R]:
+        """The unit's rows in `split`, in unit order and unmaterialised: identical in every process."""
+
+    @abstractmethod
+    def batch(self, rows: list[R]) -> dict:
+        """A batch of rows materialised: the tensors a training step takes (see `TrainStream`)."""
+
+
+# --------------------------------------------------------------------------------------------------- image tower
+
+
+@dataclass(slots=True)
+class RawRow:
+    """One row of the image tower's order stream: everything from the cache, plus the sample's undecoded tar members.
+    Nothing expensive has happened to it yet."""
+
+    shard: int                     # image shard index
+    position: int                  # row in the shard
+    key: str                       # __key__, also the split key
+    teacher: np.ndarray            # float32 [D] teacher embedding of the chosen view
+    other: np.ndarray              # float32 [D] teacher embedding of the paired caption, NaN when none
+    has_other: bool
+    label: int                     # -1 when none
+    view: int = 0
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    flip: bool = False
+    members: dict[str, bytes] = field(default_factory=dict)  # the sample's tar members
+    text: str = ""                                             # the paired caption (with return_texts)
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    # A copy, so that rows waiting in the shuffle buffer do not keep their whole unit's arrays alive.
+    return np.array(a, dtype=np.float32, copy=True)
+
+
+def _shard_urls(cache: Cache, images: tuple[str, ...]) -> list[str]:
+    """Where the image shards are now: the cache's recorded inputs, or the override (same count, same order)."""
+    recorded = list(cache.attrs["inputs"]["images"])
+    if not images:
+        return recorded
+    urls = expand_urls(list(images))
+    if len(urls) != len(recorded):
+        raise DataError(f"--images names {len(urls)} shard(s) but the cache was built from {len(recorded)}; give "
+                        f"them all, in the build's order (first recorded: {recorded[:1]})")
+    return urls
+
+
+class ImageRows(Rows[RawRow]):
+    """The image tower: each image shard's tar streamed in order and joined to its cache rows by position (every key
+    checked); a training row shows one cached view per epoch (`choose_view`), validation view 0. A batch decodes each
+    picture as the build did and replays the view at the student's size (and at the teacher's, with
+    `teacher_preprocess`)."""
+
+    split_arrays = {IMAGES: ("key", "valid")}
+
+    def __init__(self, spec: DataSpec, cache: Cache, *, student_preprocess: dict | None = None,
+                 teacher_preprocess: dict | None = None, return_texts: bool = False,
+                 tokenizer: Callable | None = None):
+        del tokenizer  # the image tower has no text to tokenise
+        self.spec = spec
+        self.return_texts = return_texts
+        self.views = cache.views
+        self.build = {"max_pixels": int(cache.attrs["build"]["max_pixels"]),
+                      "background": tuple(int(c) for c in cache.attrs["build"]["background"])}
+        self._eval_tf: dict[str, Callable] = {}  # built on first use, in the process that uses it
+        self.teacher_preprocess = None if teacher_preprocess is None else dict(teacher_preprocess)
+        if self.teacher_preprocess is not None and "size" not in self.teacher_preprocess:
+            raise DataError(f"teacher_preprocess needs a 'size', got {self.teacher_preprocess}")
+        self.urls = _shard_urls(cache, spec.images)
+        if student_preprocess is None:
+            log.warning("no student preprocessing given: using the teacher's from the cache (%s)",
+                        cache.attrs["preprocess"])
+            student_preprocess = cache.attrs["preprocess"]
+        self.student_preprocess = dict(student_preprocess)
+        if "size" not in self.student_preprocess:
+            raise DataError(f"student_preprocess needs a 'size', got {self.student_preprocess}")
+
+    @classmethod
+    def check(cls, cache: Cache) -> None:
+        cache.require(schema.CAP_IMAGES)
+
+    @classmethod
+    def units(cls, cache: Cache) -> list[Unit]:
+        return _usable_units(cache, IMAGES)
+
+    @staticmethod
+    def in_split(a: dict[str, np.ndarray], unit: Unit, split: str, val_fraction: float) -> np.ndarray:
+        return _keyed(np.flatnonzero(a["valid"]), a["key"], split, val_fraction)
+
+    def unit_rows(self, cache: Cache, unit: Unit, *, split: str, epoch: int) -> Iterator[RawRow]:
+        """The shard's tar streamed in order and joined to the cache rows by position, checking every key."""
+        a = cache.read(unit, [*self.split_arrays[IMAGES], "label", "caption", "caption_emb", "view_box", "view_flip",
+                              "emb"])
+        rows = len(a["key"])
+        keep = np.zeros(rows, dtype=bool)
+        keep[self.in_split(a, unit, split, self.spec.val_fraction)] = True
+        limited = bool((cache.status(unit) or {}).get("limited"))
+        url = self.urls[unit.index]
+        report = ShardReport(url=url)
+        seen = 0
+        train = split == "train"
+        for raw in iter_shard(url, report):
+            p = raw.position
+            if p >= rows:
+                if limited:  # a `--limit` build cached only the first rows of this shard
+                    break
+                raise DataError(f"shard {unit.index} ({url}) has more samples than the {rows} rows the cache holds "
+                                f"for it (position {p}, key {raw.key!r}): it was rewritten after the build")
+            seen = p + 1
+            cached = str(a["key"][p])
+            if raw.key != cached:
+                raise DataError(f"shard {unit.index} ({url}) position {p}: the tar has key {raw.key!r} where the "
+                                f"cache has {cached!r}; the shards were moved or rewritten (check --images)")
+            if not keep[p]:
+                continue
+            v = choose_view(seed=self.spec.seed, epoch=epoch, shard=unit.index, position=p,
+                            views=self.views) if train else 0
+            has_other = bool(a["caption"][p] != "")
+            yield RawRow(shard=unit.index, position=p, key=cached, teacher=_f32(a["emb"][p, v]),
+                         other=_f32(a["caption_emb"][p]), has_other=has_other, label=int(a["label"][p]), view=v,
+                         box=tuple(int(x) for x in a["view_box"][p, v]), flip=bool(a["view_flip"][p, v]),
+                         members=raw.members, text=str(a["caption"][p]) if self.return_texts else "")
+        if seen < rows:
+            detail = f" ({report.error})" if report.error else ""
+            hint = "; if the shards moved, give their new locations (--images)" if seen == 0 else ""
+            raise DataError(f"shard {unit.index} ({url}) yielded {seen} samples but the cache has {rows} rows for "
+                            f"it{detail}: the shard was truncated or rewritten after the build{hint}")
+
+    def decode_image(self, row: RawRow):
+        """The row's picture decoded exactly as the build decoded it (same max_pixels and background)."""
+        raw = RawSample(key=row.key, position=row.position, members=row.members)
+        try:
+            return parse_sample(raw, max_pixels=self.build["max_pixels"], background=self.build["background"]).image
+        except RejectError as e:
+            raise DataError(f"shard {row.shard} position {row.position} (key {row.key!r}) was valid at build time but "
+                            f"now fails to decode ({e}): the shard was rewritten after the build") from None
+
+    def replay(self, row: RawRow) -> torch.Tensor:
+        """The cached view of the row at the student's size: view 0 is the student's own eval transform (as view 0
+        is the teacher's), view v >= 1 the recorded crop box and flip resized with the student's interpolation."""
+        return self._render(self.decode_image(row), row, "student")
+
+    def _render(self, img, row: RawRow, who: str) -> torch.Tensor:
+        """The row's view of a decoded picture at `who`'s ("student" | "teacher") size and interpolation."""
+        preprocess = self.student_preprocess if who == "student" else self.teacher_preprocess
+        if row.view == 0:
+            if who not in self._eval_tf:
+                self._eval_tf[who] = eval_transform_uint8(preprocess)
+            return self._eval_tf[who](img)
+        interp = preprocess.get("interpolation") or PreprocessCfg.interpolation
+        return render_view(img, row.box, row.flip, size=size_hw(preprocess), interpolation=interp)
+
+    def batch(self, rows: list[RawRow]) -> dict:
+        if self.teacher_preprocess is None:
+            pixels = torch.stack([self.replay(r) for r in rows])
+            extra = {}
+        else:  # decode once, render the same view for both models
+            views = []
+            for r in rows:
+                img = self.decode_image(r)
+                views.append((self._render(img, r, "student"), self._render(img, r, "teacher")))
+            pixels = torch.stack([s for s, _ in views])
+            extra = {"teacher_pixels": torch.stack([t for _, t in views])}
+        if self.return_texts:
+            extra["texts"] = [r.text for r in rows]
+        return {
+            "pixels": pixels,
+            "teacher": torch.from_numpy(np.stack([r.teacher for r in rows])),
+            "other": torch.from_numpy(np.stack([r.other for r in rows])),
+            "has_other": torch.tensor([r.has_other for r in rows], dtype=torch.bool),
+            "labels": torch.tensor([r.label for r in rows], dtype=torch.int64),
+            "shard": torch.tensor([r.shard for r in rows], dtype=torch.int64),
+            "position": torch.tensor([r.position for r in rows], dtype=torch.int64),
+            "view": torch.tensor([r.view for r in rows], dtype=torch.int64),
+            **extra,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- text tower
+
+
+@dataclass(slots=True, eq=False)
+class CaptionBlock:
+    """The text tower's rows of one unit (a caption block, or an image shard's paired captions) for one split, as
+    arrays in their stored dtype. The text tower's order stream passes rows as (block, j) pairs: per row it makes a
+    tuple, not a RawRow with copied arrays (that per-row work was most of the text loader's time); a block is freed
+    once no pair in the shuffle buffer or a pending batch refers to it, so a pass holds a few units at a time."""
+
+    shard: int                     # image shard index, -1 for a caption block
+    corpus: int                    # caption corpus index, -1 for an image shard
+    position: np.ndarray           # int64 [n] position in the shard, or record index in the corpus
+    label: np.ndarray              # int64 [n], -1 when none
+    texts: list[str] | None        # None when nothing needs them (tokens reused and no return_texts)
+    teacher: np.ndarray            # [n, D] the caption's teacher embedding
+    other: np.ndarray | None       # [n, D] the paired image's view-0 embedding; None for corpus rows
+    tokens: np.ndarray | None      # [n, C] the stored tokens, when the student's tokenizer reuses them
+
+
+class TextRows(Rows[tuple[CaptionBlock, int]]):
+    """The text tower: the paired captions of image shards that have any, then the caption corpora's blocks, all from
+    the cache. A batch tokenises with the student's tokenizer, or, when that tokenizer provably gives the tokens the
+    build stored (`token_context` is then their context), cuts the stored tokens instead."""
+
+    split_arrays = {IMAGES: ("key", "valid", "caption"), CAPTIONS: ("index", "valid")}
+
+    def __init__(self, spec: DataSpec, cache: Cache, *, tokenizer: Callable | None = None,
+                 return_texts: bool = False, teacher_preprocess: dict | None = None,
+                 student_preprocess: dict | None = None):
+        del student_preprocess  # the text tower has no pixels
+        if teacher_preprocess is not None:
+            raise DataError("teacher_preprocess renders teacher views of images; the text tower has none")
+        if tokenizer is None:
+            raise DataError("the text tower needs the student's tokenizer (tokenizer=open_clip.get_tokenizer(...))")
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.return_texts = return_texts
+        # The build's stored tokens replace the tokenizer when they are provably what it would give.
+        recorded = cache.attrs["build"].get("tokens")
+        self.token_context = cache_tokens.reusable_context(recorded, tokenizer)
+        self.eot = recorded["eot"] if self.token_context else None
+        if recorded and self.token_context is None:
+            log.info("the student's tokenizer differs from the teacher's: captions are tokenised while loading")
+
+    @classmethod
+    def check(cls, cache: Cache) -> None:
+        if not {schema.CAP_CAPTIONS, schema.CAP_PAIRED} & set(cache.capabilities):
+            raise CacheError(f"{cache.path}: the text tower needs caption corpora or paired captions; the cache has "
+                             f"neither (capabilities {cache.capabilities})")
+
+    @classmethod
+    def units(cls, cache: Cache) -> list[Unit]:
+        return _usable_units(cache, IMAGES, captioned=True) + _usable_units(cache, CAPTIONS)
+
+    @staticmethod
+    def in_split(a: dict[str, np.ndarray], unit: Unit, split: str, val_fraction: float) -> np.ndarray:
+        if unit.kind == CAPTIONS:  # a corpus record is keyed by its address in the inputs
+            rows = np.flatnonzero(a["valid"])
+            return rows[[split_of(caption_key(unit.index, i), val_fraction) == split
+                         for i in a["index"][rows].tolist()]]
+        # a paired caption by its image's __key__, so that a pair never straddles the split
+        return _keyed(np.flatnonzero(a["valid"] & (a["caption"] != "")), a["key"], split, val_fraction)
+
+    @property
+    def _need_texts(self) -> bool:
+        return self.return_texts or self.token_context is None
+
+    def unit_rows(self, cache: Cache, unit: Unit, *, split: str, epoch: int) -> Iterator[tuple[CaptionBlock, int]]:
+        make = self._corpus_block if unit.kind == CAPTIONS else self._paired_block
+        block = make(cache, unit, split)
+        for j in range(len(block.position)):
+            yield block, j
+
+    def _corpus_block(self, cache: Cache, unit: Unit, split: str) -> CaptionBlock:
+        reuse, texts = self.token_context is not None, self._need_texts
+        a = cache.read(unit, [*self.split_arrays[CAPTIONS], "emb"] + (["tokens"] if reuse else [])
+                       + (["text"] if texts else []))
+        rows = self.in_split(a, unit, split, self.spec.val_fraction)
+        return CaptionBlock(shard=-1, corpus=unit.index, position=a["index"][rows].astype(np.int64),
+                            label=np.full(len(rows), -1, np.int64), texts=a["text"][rows].tolist() if texts else None,
+                            teacher=a["emb"][rows], other=None, tokens=a["tokens"][rows] if reuse else None)
+
+    def _paired_block(self, cache: Cache, unit: Unit, split: str) -> CaptionBlock:
+        reuse, texts = self.token_context is not None, self._need_texts
+        a = cache.read(unit, [*self.split_arrays[IMAGES], "label", "caption_emb", "emb"]
+                       + (["caption_tokens"] if reuse else []))
+        rows = self.in_split(a, unit, split, self.spec.val_fraction)
+        return CaptionBlock(shard=unit.index, corpus=-1, position=rows.astype(np.int64),
+                            label=a["label"][rows].astype(np.int64),
+                            texts=a["caption"][rows].tolist() if texts else None, teacher=a["caption_emb"][rows],
+                            other=a["emb"][rows, 0], tokens=a["caption_tokens"][rows] if reuse else None)
+
+    def batch(self, rows: list[tuple[CaptionBlock, int]]) -> dict:
+        # Rows grouped by block, so each array is gathered with one fancy index per block rather than row by row.
+        groups: dict[int, tuple[CaptionBlock, list[int], list[int]]] = {}
+        for i, (blk, j) in enumerate(rows):
+            g = groups.get(id(blk))
+            if g is None:
+                g = groups[id(blk)] = (blk, [], [])
+            g[1].append(i)
+            g[2].append(j)
+
+        def gather(get: Callable[[CaptionBlock], np.ndarray | int | None], tail: tuple[int, ...], fill,
+                   dtype) -> torch.Tensor:
+            out = np.full((len(rows), *tail), fill, dtype)
+            for blk, ii, jj in groups.values():
+                v = get(blk)
+                if v is not None:
+                    out[ii] = v[jj] if isinstance(v, np.ndarray) else v
+            return torch.from_numpy(out)
+
+        dim = rows[0][0].teacher.shape[1]
+        texts = [blk.texts[j] for blk, j in rows] if self._need_texts else None
+        if self.token_context is not None:
+            stored = gather(lambda b: b.tokens, rows[0][0].tokens.shape[1:], 0, np.int64).numpy()
+            tokens = torch.from_numpy(cache_tokens.fit(stored, self.token_context, eot=self.eot))
+        else:
+            tokens = torch.as_tensor(self.tokenizer(texts), dtype=torch.int64)
+        return {
+            "tokens": tokens,
+            "teacher": gather(lambda b: b.teacher, (dim,), np.nan, np.float32),
+            "other": gather(lambda b: b.other, (dim,), np.nan, np.float32),
+            "has_other": gather(lambda b: b.other is not None, (), False, bool),
+            "labels": gather(lambda b: b.label, (), -1, np.int64),
+            "shard": gather(lambda b: b.shard, (), -1, np.int64),
+            "position": gather(lambda b: b.position, (), -1, np.int64),
+            "corpus": gather(lambda b: b.corpus, (), -1, np.int64),
+            **({"texts": texts} if self.return_texts else {}),
+        }
