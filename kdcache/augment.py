@@ -449,3 +449,23 @@ def unpack_record(arrays: dict[str, np.ndarray], i: int) -> ViewRecord:
         if kind == 2:
             rec["mix_box"] = tuple(int(v) for v in arrays["view_mixbox"][i])
     return ViewRecord(**rec)
+
+
+# ------------------------------------------------------------------------------------- for the build and the loader
+
+def erase_fill(preprocess: dict) -> tuple[int, int, int]:
+    """The RGB an erased rectangle is filled with: the teacher's normalisation mean, so erased pixels normalise to 0
+    for the teacher (as torchvision's RandomErasing(value=0) after Normalize). Recorded in the cache; students replay
+    with it whatever their own mean."""
+    return tuple(int(round(255 * float(m))) for m in preprocess["mean"])
+
+
+def strong(policy: Policy | None) -> bool:
+    """Whether a policy's records need arrays beyond view_box and view_flip (the cache capability `strong_views`)."""
+    return policy is not None and set(record_arrays(policy)) != {"view_box", "view_flip"}
+
+
+def eval_record(box: Box, policy: Policy) -> ViewRecord:
+    """View 0's record (the eval transform: informational box, no flip, no ops, no erase, no mix), padded with
+    Identity ops so it packs into the policy's fixed-width arrays."""
+    return ViewRecord(box=box, flip=False, ops=(0,) * policy.ra_ops, mags=(0,) * policy.ra_ops)

@@ -11,7 +11,7 @@ from conftest import build_cache
 from kdcache.cache.reader import open_cache
 from kdcache.cli.main import cli
 
-COMMANDS = ["build", "info", "verify", "train", "export", "eval", "compare", "quickstart"]
+COMMANDS = ["build", "info", "verify", "show", "train", "export", "eval", "compare", "quickstart"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -143,7 +145,8 @@ def test_resume_of_a_cache_from_before_tokens_is_refused_naming_the_schema(cache
                  capabilities=[c for c in attrs["capabilities"] if c != schema.CAP_TOKENS])
     root.attrs[schema.ROOT_ATTR] = attrs
     c = open_cache(cache)
-    with pytest.raises(BuildError, match=r"build changed \(tokens: cache has None.*schema 1\.1; this one writes 1\.2"):
+    with pytest.raises(BuildError, match=r"build changed \(tokens: cache has None.*schema 1\.1; this one writes "
+                       + re.escape(schema.SCHEMA_VERSION)):
         build_cache(old, teacher=teacher_spec, images=tuple(c.attrs["inputs"]["images"]),
                     captions=tuple(c.attrs["inputs"]["captions"]), batch_size=8, resume=True)
     # Readers still take it: verify passes and the text loader tokenises, with the same batches.

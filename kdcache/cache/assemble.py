@@ -18,7 +18,7 @@ import torch
 from kdcache import tokens as cache_tokens
 from kdcache.cache import schema
 from kdcache.cache.captions import CaptionRow, iter_caption_records
-from kdcache.cache.config import BuildConfig, BuildError
+from kdcache.cache.config import BuildConfig, BuildError, view_policy
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
 from kdcache.cache.stream import ShardMeta
 from kdcache.shards import Reject
@@ -53,8 +53,9 @@ class TeacherPass:
         self.embed_dtype, self.batch_size = cfg.embed_dtype, cfg.batch_size
         self.tokens = cache_tokens.describe(teacher.tokenizer)  # None: this tokenizer's tokens are not stored
         dim = teacher.embed_dim
+        self.policy = view_policy(cfg)
         self.image_specs = schema.image_arrays(views=cfg.views, dim=dim, topk=topk, embed_dtype=cfg.embed_dtype,
-                                               tokens=self.tokens)
+                                               tokens=self.tokens, policy=self.policy)
         self.caption_specs = schema.caption_arrays(dim=dim, embed_dtype=cfg.embed_dtype, tokens=self.tokens)
 
     # -- teacher outputs
@@ -91,8 +92,8 @@ class TeacherPass:
         data["label"][:] = meta.labels
         data["caption"][:] = meta.captions
         data["src_size"][:] = meta.src_size
-        data["view_box"][:] = meta.view_box
-        data["view_flip"][:] = meta.view_flip
+        for name, records in meta.records.items():
+            data[name][:] = records
         for pos, view, emb, idx, val, lse in parts:
             data["emb"][pos, view] = schema.encode_embeddings(emb.numpy(), self.embed_dtype)
             if idx is not None:

@@ -27,10 +27,11 @@ import zarr
 from tqdm import tqdm
 
 from kdcache import __version__
+from kdcache.augment import Policy, erase_fill, strong
 from kdcache.cache import schema
 from kdcache.cache.assemble import TeacherPass, load_teacher_pass
 from kdcache.cache.captions import count_caption_records, parse_caption_spec
-from kdcache.cache.config import BuildConfig, BuildError, BuildResult
+from kdcache.cache.config import BuildConfig, BuildError, BuildResult, view_policy
 from kdcache.cache.dist import Dist, init_distributed
 from kdcache.cache.plan import RankPlan, plan_rank, plan_units
 from kdcache.cache.schema import Unit
@@ -47,7 +48,6 @@ from kdcache.cache.writer import (
 )
 from kdcache.shards import expand_urls
 from kdcache.teacher import teacher_mismatch
-from kdcache.views import VIEW_RATIO, VIEW_SCALE
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,21 @@ def library_versions() -> dict:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
-def resolved_build(cfg: BuildConfig, threads: int, precision: str, topk: int) -> dict:
-    """The part of the config that determines the cache's bytes (the --resume identity, minus inputs)."""
-    return {
+def resolved_build(cfg: BuildConfig, threads: int, precision: str, topk: int, preprocess: dict) -> dict:
+    """The part of the config that determines the cache's bytes (the --resume identity, minus inputs). A non-default
+    --augment policy is recorded under "augment" with its erase fill; default-policy caches are as before."""
+    policy = view_policy(cfg)
+    views = policy or Policy()
+    out = {
         "views": cfg.views, "classes": cfg.classes, "templates": cfg.templates, "topk": topk,
         "batch_size": cfg.batch_size, "threads": threads, "device_type": torch.device(cfg.device).type,
         "precision": precision, "embed_dtype": cfg.embed_dtype, "seed": cfg.seed, "limit": cfg.limit,
-        "max_pixels": cfg.max_pixels, "background": list(cfg.background), "view_scale": list(VIEW_SCALE),
-        "view_ratio": list(VIEW_RATIO), "block_records": schema.BLOCK_RECORDS,
+        "max_pixels": cfg.max_pixels, "background": list(cfg.background), "view_scale": list(views.rrc_scale),
+        "view_ratio": list(views.rrc_ratio), "block_records": schema.BLOCK_RECORDS,
     }
+    if policy is not None:
+        out["augment"] = {"policy": policy.to_json(), "fill": list(erase_fill(preprocess))}
+    return out
 
 
 def check_resume_identity(old: dict, new: dict) -> None:
@@ -115,6 +121,10 @@ def _check_config(cfg: BuildConfig, dist: Dist) -> None:
         raise BuildError("nothing to build: give --images and/or --captions")
     if cfg.embed_dtype not in schema.EMBED_DTYPES:
         raise BuildError(f"--embed-dtype must be one of {sorted(schema.EMBED_DTYPES)}")
+    policy = view_policy(cfg)  # a bad --augment fails here, before the teacher is loaded
+    if policy is not None and cfg.views < 2:
+        log.warning("--augment applies to views 1..K-1, but --views is %d: only view 0 (the eval transform) is cached",
+                    cfg.views)
     if cfg.limit is not None and dist.world > 1:
         raise BuildError("--limit is for single-process dry runs; it cannot be combined with torchrun")
 
@@ -187,7 +197,8 @@ class _Builder:
             "preprocess": teacher.preprocess,
             "embed_dim": teacher.embed_dim,
             "logit_scale": float(teacher.logit_scale),
-            "build": {**resolved_build(cfg, threads, teacher.precision, self.teach.topk), "tokens": self.teach.tokens},
+            "build": {**resolved_build(cfg, threads, teacher.precision, self.teach.topk, teacher.preprocess),
+                      "tokens": self.teach.tokens},
             "inputs": {"images": urls, "captions": [c["spec"] for c in corpora],
                        "caption_records": [c["records"] for c in corpora]},
             "versions": library_versions(),
@@ -221,6 +232,8 @@ class _Builder:
                                      + schema.embed_capabilities(cfg.embed_dtype))
             if self.teach.tokens is not None:
                 attrs["capabilities"].append(schema.CAP_TOKENS)
+            if strong(self.teach.policy) and attrs["inputs"]["images"]:
+                attrs["capabilities"].append(schema.CAP_STRONG_VIEWS)
             attrs["required_capabilities"] = [c for c in attrs["capabilities"] if c in schema.MUST_UNDERSTAND]
             root.attrs[schema.ROOT_ATTR] = attrs
         dist.barrier()

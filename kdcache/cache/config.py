@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kdcache.augment import DEFAULT_POLICY, Policy, PolicyError, parse_policy
 from kdcache.cache import schema
 from kdcache.shards import DEFAULT_MAX_PIXELS
 
@@ -36,6 +37,7 @@ class BuildConfig:
     device: str = "cpu"
     precision: str = "fp32"
     embed_dtype: str = "fp16"
+    augment: str | None = None        # kdcache.augment policy spec for views >= 1; None: today's crop + flip
     seed: int = 0
     limit: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -44,6 +46,17 @@ class BuildConfig:
     overwrite: bool = False
     allow_incomplete: bool = False    # exit 0 even if some shards failed (they stay marked failed in the cache)
     progress: bool = True
+
+
+def view_policy(cfg: BuildConfig) -> Policy | None:
+    """The --augment policy, or None for the default crop + flip views (whose caches stay exactly as before)."""
+    if not cfg.augment:
+        return None
+    try:
+        policy = parse_policy(cfg.augment)
+    except PolicyError as e:
+        raise BuildError(f"--augment: {e}") from None
+    return None if policy == parse_policy(DEFAULT_POLICY) else policy
 
 
 @dataclass

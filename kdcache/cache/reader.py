@@ -18,9 +18,11 @@ from functools import cached_property
 import numpy as np
 import zarr
 
+from kdcache.augment import Policy, PolicyError
 from kdcache.cache import schema
 from kdcache.cache.plan import plan_units
 from kdcache.cache.schema import Unit
+from kdcache.shards import expand_urls
 
 
 class CacheError(ValueError):
@@ -86,6 +88,32 @@ class Cache:
         self.require(schema.CAP_LOGITS, why="the class vocabulary")
         g = self.root[schema.VOCAB]
         return g["classes"][...].tolist(), g["templates"][...].tolist(), g["head"][...]
+
+    def shard_urls(self, images: Sequence[str] = ()) -> list[str]:
+        """Where the image shards are now: the recorded inputs, or `images` (patterns) if they moved (the same shards,
+        all of them, in the build's order)."""
+        recorded = list(self.attrs["inputs"]["images"])
+        if not images:
+            return recorded
+        urls = expand_urls(list(images))
+        if len(urls) != len(recorded):
+            raise CacheError(f"--images names {len(urls)} shard(s) but the cache was built from {len(recorded)}; give "
+                             f"them all, in the build's order (first recorded: {recorded[:1]})")
+        return urls
+
+    def view_policy(self) -> tuple[Policy | None, tuple[int, int, int] | None]:
+        """(policy, erase fill RGB) of the cache's random views; (None, None) for the default crop + flip views (every
+        cache before schema 1.3). A policy recorded with another policy version is refused, never replayed with this
+        code's ops."""
+        rec = self.attrs["build"].get("augment")
+        if rec is None:
+            return None, None
+        self.require(schema.CAP_STRONG_VIEWS, why="its view records")
+        try:
+            policy = Policy.from_json(rec["policy"])
+        except PolicyError as e:
+            raise CacheError(f"{self.path}: {e}") from None
+        return policy, tuple(int(c) for c in rec["fill"])
 
     @property
     def int8_embeddings(self) -> bool:

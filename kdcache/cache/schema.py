@@ -14,7 +14,9 @@ address is (unit, position) — a function of the input alone, never of arrival 
 
 Versioning: readers must match SCHEMA_MAJOR. Optional arrays are announced in the root's "capabilities" list and
 bump SCHEMA_MINOR when new ones are added; readers check capabilities, not the minor version.
-1.0: the first layout. 1.1: `int8_embeddings` (embeddings stored as int8; see encode_embeddings).
+1.0: the first layout. 1.1: `int8_embeddings` (embeddings stored as int8; see encode_embeddings). 1.2: `tokens`.
+1.3: `strong_views` (view records beyond crop box and flip: RandAugment ops, erasing, mixing; see kdcache.augment;
+the policy is build["augment"]).
 
 Embeddings (EMBEDDING_ARRAYS) are stored as fp16 (default), fp32, or int8. int8 is quantised per vector:
 q = round(x / max|x| * 127), so each vector's largest component is exactly ±127. No scale is stored: every stored
@@ -36,7 +38,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 2
+SCHEMA_MINOR = 3
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 ROOT_ATTR = "kdcache"
@@ -54,11 +56,14 @@ CAP_LABELS = "labels"            # at least one image row has a label
 CAP_PAIRED = "paired_captions"   # at least one image row has a caption and its teacher text embedding
 CAP_INT8 = "int8_embeddings"     # 1.1: EMBEDDING_ARRAYS hold int8 codes; read them through decode_embeddings
 CAP_TOKENS = "tokens"            # 1.2: the teacher tokenizer's caption tokens (kdcache.tokens; build["tokens"])
-KNOWN_CAPABILITIES = (CAP_IMAGES, CAP_CAPTIONS, CAP_LOGITS, CAP_LABELS, CAP_PAIRED, CAP_INT8, CAP_TOKENS)
+CAP_STRONG_VIEWS = "strong_views"  # 1.3: per-view op/erase/mix records (kdcache.augment; build["augment"])
+KNOWN_CAPABILITIES = (CAP_IMAGES, CAP_CAPTIONS, CAP_LOGITS, CAP_LABELS, CAP_PAIRED, CAP_INT8, CAP_TOKENS,
+                      CAP_STRONG_VIEWS)
 # Capabilities that change how existing arrays must be read: a cache lists the ones it uses in the root's
 # "required_capabilities", and a reader refuses a cache that requires one it does not know (instead of, say, reading
 # int8 codes as numbers). Purely additive capabilities (new optional arrays) are never required.
-MUST_UNDERSTAND = (CAP_INT8,)
+# A reader that ignored strong-view records would replay views without their ops or mixing: wrong pixels, silently.
+MUST_UNDERSTAND = (CAP_INT8, CAP_STRONG_VIEWS)
 
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
@@ -145,9 +150,21 @@ def _token_specs(name: str, tokens: dict | None) -> list[ArraySpec]:
     return [] if not tokens else [ArraySpec(name, tokens["dtype"], (tokens["context_length"],), 0, False)]
 
 
-def image_arrays(*, views: int, dim: int, topk: int, embed_dtype: str,
-                 tokens: dict | None = None) -> dict[str, ArraySpec]:
-    """Arrays of an image shard unit. Rows are sample positions in the shard; rejected rows have valid=False."""
+def _record_specs(views: int, policy) -> list[ArraySpec]:
+    """The view-record arrays a strong-view policy needs beyond view_box and view_flip (kdcache.augment owns their
+    names, dtypes and per-view shapes); none for the default policy."""
+    if policy is None:
+        return []
+    from kdcache.augment import record_arrays
+
+    return [ArraySpec(name, np.dtype(dt).name, (views, *shape), 0, True)
+            for name, (dt, shape) in record_arrays(policy).items() if name not in ("view_box", "view_flip")]
+
+
+def image_arrays(*, views: int, dim: int, topk: int, embed_dtype: str, tokens: dict | None = None,
+                 policy=None) -> dict[str, ArraySpec]:
+    """Arrays of an image shard unit. Rows are sample positions in the shard; rejected rows have valid=False.
+    `policy` is a non-default kdcache.augment.Policy (its record arrays follow view_flip)."""
     specs = _token_specs("caption_tokens", tokens) + [
         ArraySpec("key", str, (), "", True),
         ArraySpec("valid", "bool", (), False, True),
@@ -157,6 +174,7 @@ def image_arrays(*, views: int, dim: int, topk: int, embed_dtype: str,
         ArraySpec("src_size", "int32", (2,), 0, True),            # (width, height) of the decoded source image
         ArraySpec("view_box", "int32", (views, 4), 0, True),      # (left, top, width, height) in source pixels
         ArraySpec("view_flip", "bool", (views,), False, True),
+        *_record_specs(views, policy),
         _embedding_spec("emb", (views, dim), embed_dtype),         # L2-normalised teacher image embedding per view
     ]
     if topk:

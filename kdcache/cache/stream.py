@@ -14,10 +14,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdcache.cache.config import BuildConfig, BuildError
+from kdcache.augment import (
+    Policy,
+    ViewRecord,
+    erase_fill,
+    eval_record,
+    pack_records,
+    record_arrays,
+    render,
+    sample_view,
+)
+from kdcache.cache.config import BuildConfig, BuildError, view_policy
 from kdcache.cache.schema import Unit
 from kdcache.shards import Reject, RejectError, ShardReport, iter_shard, parse_sample
-from kdcache.views import eval_box, eval_transform_uint8, random_view, render_view
+from kdcache.views import eval_box, eval_transform_uint8
 
 
 @dataclass
@@ -31,8 +41,7 @@ class ShardMeta:
     labels: np.ndarray
     captions: list[str]
     src_size: np.ndarray
-    view_box: np.ndarray
-    view_flip: np.ndarray
+    records: dict[str, np.ndarray]  # view-record arrays [rows, views, ...] (view_box, view_flip, and the policy's)
     rejects: list[Reject]
     report: ShardReport
     limited: bool
@@ -55,6 +64,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, units: list[Unit], *, preprocess: dict, cfg: BuildConfig, limit: int | None = None):
         super().__init__()
         self.units, self.preprocess, self.cfg, self.limit = units, preprocess, cfg, limit
+        self.policy = view_policy(cfg) or Policy()  # the default Policy() draws exactly today's crop + flip
+        self.fill = erase_fill(preprocess)
 
     def __iter__(self) -> Iterator[Batch | ShardMeta]:
         info = torch.utils.data.get_worker_info()
@@ -70,12 +81,13 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def shard(self, unit: Unit, quota: int | None) -> Iterator[Batch | ShardMeta]:
         """One shard's batches then its ShardMeta; with a quota, only its first `quota` samples."""
-        cfg, V = self.cfg, self.cfg.views
+        cfg, V, policy = self.cfg, self.cfg.views, self.policy
         eval_tf = eval_transform_uint8(self.preprocess)
         size = tuple(self.preprocess["size"])
         interp = self.preprocess["interpolation"]
         report = ShardReport(url=unit.source)
-        keys, valid, labels, captions, sizes, boxes, flips, rejects = [], [], [], [], [], [], [], []
+        keys, valid, labels, captions, sizes, records, rejects = [], [], [], [], [], [], []
+        recent: dict[int, tuple] = {}  # position -> (image, records) of the last mix_window valid samples (partners)
         pending_pos, pending_view, pending_px = [], [], []
         limited = quota == 0  # --limit already reached: the shard is recorded as done with no rows
 
@@ -94,37 +106,53 @@ class ShardStream(torch.utils.data.IterableDataset):
                 sample = parse_sample(raw, max_pixels=cfg.max_pixels, background=cfg.background)
             except RejectError as e:
                 rejects.append(Reject(raw.position, raw.key, e.reason, e.detail))
-                valid.append(False), labels.append(-1), captions.append("")
-                sizes.append((0, 0)), boxes.append([(0, 0, 0, 0)] * V), flips.append([False] * V)
+                valid.append(False), labels.append(-1), captions.append(""), sizes.append((0, 0)), records.append(None)
                 continue
-            img = sample.image
+            img, p = sample.image, raw.position
             w, h = img.size
             valid.append(True)
             labels.append(-1 if sample.label is None else int(sample.label))
             captions.append(sample.caption or "")
             sizes.append((w, h))
-            vb, vf = [eval_box(w, h, self.preprocess)], [False]
-            pending_pos.append(raw.position), pending_view.append(0), pending_px.append(eval_tf(img))
+            recs = [eval_record(eval_box(w, h, self.preprocess), policy)]
+            pending_pos.append(p), pending_view.append(0), pending_px.append(eval_tf(img))
             if len(pending_px) == cfg.batch_size:
                 yield flush()
             for v in range(1, V):
-                box, flip = random_view(width=w, height=h, seed=cfg.seed, shard=unit.index, position=raw.position,
-                                        view=v)
-                vb.append(box), vf.append(flip)
-                pending_pos.append(raw.position), pending_view.append(v)
-                pending_px.append(render_view(img, box, flip, size=size, interpolation=interp))
+                rec = sample_view(policy, width=w, height=h, seed=cfg.seed, shard=unit.index, position=p, view=v,
+                                  partner_ok=recent.__contains__)
+                partner, partner_recs = recent.get(p + rec.mix_offset, (None, None)) if rec.mix_kind else (None, None)
+                recs.append(rec)
+                pending_pos.append(p), pending_view.append(v)
+                pending_px.append(render(img, rec, size=size, interpolation=interp, fill=self.fill, partner=partner,
+                                         partner_rec=None if partner_recs is None else partner_recs[v]))
                 if len(pending_px) == cfg.batch_size:
                     yield flush()
-            boxes.append(vb), flips.append(vf)
+            records.append(recs)
+            if policy.mixes:  # later samples take partners at most mix_window positions back
+                recent[p] = (img, recs)
+                for q in [q for q in recent if q <= p - policy.mix_window]:
+                    del recent[q]
         if pending_px:
             yield flush()
         n = len(keys)
         yield ShardMeta(
             unit=unit, rows=n, keys=keys, valid=np.asarray(valid, bool).reshape(n),
             labels=np.asarray(labels, np.int32).reshape(n), captions=captions,
-            src_size=np.asarray(sizes, np.int32).reshape(n, 2), view_box=np.asarray(boxes, np.int32).reshape(n, V, 4),
-            view_flip=np.asarray(flips, bool).reshape(n, V), rejects=rejects, report=report, limited=limited,
+            src_size=np.asarray(sizes, np.int32).reshape(n, 2), records=_record_arrays(records, policy, V),
+            rejects=rejects, report=report, limited=limited,
         )
+
+
+def _record_arrays(records: list[list[ViewRecord] | None], policy: Policy, views: int) -> dict[str, np.ndarray]:
+    """The shard's view records as the cache's fixed-width arrays [rows, views, ...]; rejected rows stay zero."""
+    out = {k: np.zeros((len(records), views, *shape), dtype) for k, (dtype, shape) in record_arrays(policy).items()}
+    rows = [i for i, r in enumerate(records) if r is not None]
+    if rows:
+        packed = pack_records([rec for i in rows for rec in records[i]], policy)
+        for k, a in packed.items():
+            out[k][rows] = a.reshape(len(rows), views, *a.shape[1:])
+    return out
 
 
 def shard_loader(units: list[Unit], *, preprocess: dict, cfg: BuildConfig, limit: int | None,

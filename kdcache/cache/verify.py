@@ -50,7 +50,7 @@ def unit_specs(cache: Cache, unit: Unit) -> dict[str, schema.ArraySpec]:
     b = cache.attrs["build"]
     if unit.kind == IMAGES:
         return schema.image_arrays(views=b["views"], dim=cache.embed_dim, topk=b["topk"], embed_dtype=b["embed_dtype"],
-                                   tokens=b.get("tokens"))
+                                   tokens=b.get("tokens"), policy=cache.view_policy()[0])
     return schema.caption_arrays(dim=cache.embed_dim, embed_dtype=b["embed_dtype"], tokens=b.get("tokens"))
 
 

@@ -51,6 +51,12 @@ def cli(verbose: bool) -> None:
 @click.option("--views", default=1, type=click.IntRange(1),
               help="Views per image. View 0 is the teacher's eval transform; views 1..K-1 are random-resized-crop + "
                    "flip, keyed by (seed, shard, position, view) and stored so students can replay them exactly.")
+@click.option("--augment", default=None, metavar="POLICY",
+              help="Random views 1..K-1 (kdcache.augment, versioned), e.g. 'rrc=0.35-1,flip,randaugment=2x9,"
+                   "erase=0.25,mix=mixup:0.2|cutmix:1.0': random-resized-crop scale range, flip, RandAugment N ops at "
+                   "magnitude M, random erasing probability, mixup/cutmix (Beta alpha) with an earlier sample of the "
+                   "same shard (window=W, mixprob=P). Stored as compact records; students replay them exactly. "
+                   "[default: rrc=0.9-1,flip]")
 @options.classes("Class vocabulary for the zero-shot head and top-k logits: cifar10, cifar100, imagenet, or a "
                  "text file with one class per line. Without it no logits are stored.")
 @options.templates("Prompt templates: simple, openai, photo, or a file with one template per line containing {}.")
@@ -93,7 +99,8 @@ def build(**kw) -> None:
         pretrained=kw["pretrained"], allow_random_init=kw["allow_random_init"], views=kw["views"],
         classes=kw["classes"], templates=kw["templates"], topk=kw["topk"], batch_size=kw["batch_size"],
         workers=kw["workers"], threads=kw["threads"], device=kw["device"], precision=kw["precision"],
-        embed_dtype=kw["embed_dtype"], seed=kw["seed"], limit=kw["limit"], max_pixels=kw["max_pixels"],
+        embed_dtype=kw["embed_dtype"], augment=kw["augment"], seed=kw["seed"], limit=kw["limit"],
+        max_pixels=kw["max_pixels"],
         resume=kw["resume"], overwrite=kw["overwrite"], progress=not kw["no_progress"],
     )
     try:
@@ -150,6 +157,27 @@ def verify(cache: str, no_progress: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@click.argument("cache", type=click.Path(exists=True))
+@click.option("--key", required=True, help="The sample's __key__ (as in its shard).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="PNG to write. [default: views-KEY.png]")
+@click.option("--images", multiple=True, metavar="PATTERN",
+              help="Where the cache's image shards are now, if they moved (same shards, same order).")
+def show(cache: str, key: str, out: str | None, images: tuple[str, ...]) -> None:
+    """A contact sheet of one sample's views exactly as the teacher saw them, each captioned with its view record
+    (crop, flip, ops, erasing, mixing) and the teacher's top-3 classes: the picture to look at when tuning --augment.
+    """
+    from kdcache.cache.reader import CacheError
+    from kdcache.cache.show import contact_sheet
+
+    try:
+        path = contact_sheet(cache, key, out=out or f"views-{key}.png", images=images)
+    except (CacheError, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {path}")
+
+
+@cli.command(context_settings=CONTEXT)
 @click.option("--cache", required=True, type=click.Path(exists=True), help="The teacher cache (from kdcache build).")
 @options.tower("Which student tower to train.")
 @click.option("--student", required=True, metavar="NAME|CONFIG.json",
@@ -182,6 +210,9 @@ def verify(cache: str, no_progress: bool) -> None:
 @click.option("--val-fraction", default=0.05, type=click.FloatRange(0, 0.5),
               help="Fixed validation split, chosen by key hash.")
 @click.option("--buffer", default=2048, type=click.IntRange(1), help="In-memory shuffle buffer (rows).")
+@click.option("--views-per-sample", default=1, type=click.IntRange(1),
+              help="Image tower: each decoded picture gives M of its cached views to the same batch (repeated "
+                   "augmentation; decoding is shared). --batch-size counts views and must be a multiple of M.")
 @click.option("--checkpoint-every", default=200, type=click.IntRange(1), help="Checkpoint every N steps (and at "
               "each epoch end).")
 @click.option("--allow-incomplete", is_flag=True, help="Train on a cache whose build has failed or missing shards.")

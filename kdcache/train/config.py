@@ -37,6 +37,7 @@ class TrainConfig:
     student_pretrained: str | None = None
     val_fraction: float = 0.05
     buffer: int = 2048
+    views_per_sample: int = 1                      # image tower: M cached views of each decoded picture per batch
     checkpoint_every: int = 200
     allow_incomplete: bool = False
     resume: bool = False
@@ -51,6 +52,11 @@ class TrainResult:
     final_val: dict = field(default_factory=dict)
 
 
+# Settings added after runs existed, left out of the identity at their default so those runs still resume.
+_ADDED_DEFAULTS = {"views_per_sample": 1}
+
+
 def identity(cfg: TrainConfig) -> dict:
     """The settings that determine a run's weights: a --resume must not change them."""
-    return {k: v for k, v in asdict(cfg).items() if k not in NON_IDENTITY}
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in NON_IDENTITY and not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}

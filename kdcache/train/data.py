@@ -116,7 +116,9 @@ class TrainStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         split, epoch, start = self.split, self.epoch, self.start_step  # one snapshot for the whole pass
-        for rows in worker_batches(self.order(split, epoch), size=self.spec.batch_size, keep_last=split != "train",
+        # A training item is a sample with views_per_sample views, so a batch of batch_size views holds fewer items.
+        size = self.spec.batch_size // (self.spec.views_per_sample if split == "train" else 1)
+        for rows in worker_batches(self.order(split, epoch), size=size, keep_last=split != "train",
                                    start=start, worker=worker, workers=workers):
             yield self.rows.batch(rows)
 
@@ -144,8 +146,10 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 def count_rows(spec: DataSpec, split: str) -> int:
     """Rows of a split, from the cache's small arrays alone (no tar is read): for steps per epoch. The split filter is
-    the stream's own (`Rows.in_split`), so the count is the number of rows a pass yields."""
+    the stream's own (`Rows.in_split`), so the count is the number of rows a pass yields (training: each sample's
+    views_per_sample views)."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     tower = ROWS[spec.tower]
-    return tower.count(tower.open(spec), split, spec.val_fraction)
+    samples = tower.count(tower.open(spec), split, spec.val_fraction)
+    return samples * spec.views_per_sample if split == "train" else samples

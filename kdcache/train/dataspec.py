@@ -27,6 +27,7 @@ class DataSpec:
     val_fraction: float = 0.05     # fixed validation split by key hash (`order.split_of`)
     images: tuple[str, ...] = ()   # override of the shard locations: same count and order as the cache's inputs
     allow_incomplete: bool = False
+    views_per_sample: int = 1      # image tower, training: M cached views of each decoded picture in the same batch
 
     def __post_init__(self) -> None:
         if self.tower not in TOWERS:
@@ -37,5 +38,12 @@ class DataSpec:
             raise DataError(f"seed must be non-negative, got {self.seed}")
         if self.buffer < 0:
             raise DataError(f"buffer must be non-negative, got {self.buffer}")
+        if self.views_per_sample < 1:
+            raise DataError(f"views_per_sample must be at least 1, got {self.views_per_sample}")
+        if self.views_per_sample > 1 and self.tower != "image":
+            raise DataError("views_per_sample is for the image tower (a caption has one view)")
+        if self.batch_size % self.views_per_sample:
+            raise DataError(f"batch_size {self.batch_size} must be a multiple of views_per_sample "
+                            f"{self.views_per_sample} (a batch holds whole samples)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"val_fraction must be in [0, 1), got {self.val_fraction}")

@@ -187,7 +187,8 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
         scale = cache.logit_scale
 
     spec = DataSpec(cache=cfg.cache, tower=cfg.tower, batch_size=cfg.batch_size, seed=cfg.seed, buffer=cfg.buffer,
-                    val_fraction=cfg.val_fraction, images=cfg.images, allow_incomplete=cfg.allow_incomplete)
+                    val_fraction=cfg.val_fraction, images=cfg.images, allow_incomplete=cfg.allow_incomplete,
+                    views_per_sample=cfg.views_per_sample)
     rows = count_rows(spec, "train")
     micro_per_epoch = rows // cfg.batch_size
     steps_per_epoch = micro_per_epoch // cfg.accum_steps

@@ -50,6 +50,16 @@ def choose_view(*, seed: int, epoch: int, shard: int, position: int, views: int)
     return int(_hash_unit(struct.pack("<4q", seed, epoch, shard, position), b"kdcache-view") * views)
 
 
+def choose_views(*, seed: int, epoch: int, shard: int, position: int, views: int, m: int) -> list[int]:
+    """`m` views of a sample for one training epoch (repeated augmentation): `choose_view`'s one when m == 1; else
+    distinct views in an order drawn from (seed, epoch, shard, position), cycling when m exceeds the views cached."""
+    if m == 1:
+        return [choose_view(seed=seed, epoch=epoch, shard=shard, position=position, views=views)]
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, shard, position, 0x6B6476])))
+    perm = rng.permutation(views)
+    return [int(perm[i % views]) for i in range(m)]
+
+
 def _shuffled(rows: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
     """A fixed-size shuffle buffer: once full, each incoming row replaces (and releases) a random resident one."""
     buf: list[T] = []

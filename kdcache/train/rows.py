@@ -22,13 +22,14 @@ import torch
 from open_clip.transform import PreprocessCfg
 
 from kdcache import tokens as cache_tokens
+from kdcache.augment import Policy, ViewRecord, erase_fill, record_arrays, render, unpack_record
 from kdcache.cache import schema
 from kdcache.cache.reader import Cache, CacheError, open_cache
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
-from kdcache.shards import RawSample, RejectError, ShardReport, expand_urls, iter_shard, parse_sample
+from kdcache.shards import RawSample, RejectError, ShardReport, iter_shard, parse_sample
 from kdcache.train.dataspec import DataError, DataSpec
-from kdcache.train.order import caption_key, choose_view, split_of
-from kdcache.views import eval_transform_uint8, render_view, size_hw
+from kdcache.train.order import caption_key, choose_view, choose_views, split_of
+from kdcache.views import eval_transform_uint8, size_hw
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -121,6 +122,10 @@ class RawRow:
     flip: bool = False
     members: dict[str, bytes] = field(default_factory=dict)  # the sample's tar members
     text: str = ""                                             # the paired caption (with return_texts)
+    rec: ViewRecord | None = None                              # the view's full record (box and flip included)
+    partner_members: dict[str, bytes] | None = None            # a mixed view's partner sample's tar members
+    partner_position: int = -1
+    partner_rec: ViewRecord | None = None                      # the partner's own record of the same view index
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -128,22 +133,13 @@ def _f32(a: np.ndarray) -> np.ndarray:
     return np.array(a, dtype=np.float32, copy=True)
 
 
-def _shard_urls(cache: Cache, images: tuple[str, ...]) -> list[str]:
-    """Where the image shards are now: the cache's recorded inputs, or the override (same count, same order)."""
-    recorded = list(cache.attrs["inputs"]["images"])
-    if not images:
-        return recorded
-    urls = expand_urls(list(images))
-    if len(urls) != len(recorded):
-        raise DataError(f"--images names {len(urls)} shard(s) but the cache was built from {len(recorded)}; give "
-                        f"them all, in the build's order (first recorded: {recorded[:1]})")
-    return urls
-
-
-class ImageRows(Rows[RawRow]):
+class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
     """The image tower: each image shard's tar streamed in order and joined to its cache rows by position (every key
-    checked); a training row shows one cached view per epoch (`choose_view`), validation view 0. A batch decodes each
-    picture as the build did and replays the view at the student's size (and at the teacher's, with
+    checked); a training row shows one cached view per epoch (`choose_view`), or with `views_per_sample` M > 1 a
+    sample is one item of M rows, M of its views (`choose_views`), so its picture is decoded once for all of them;
+    validation shows view 0. A batch decodes each picture as the build did and replays each view from its record
+    (`kdcache.augment.render`: crop, flip, ops, erasing, and the mix with its partner, an earlier sample of the shard
+    kept as tar members while the shard streams) at the student's size (and at the teacher's, with
     `teacher_preprocess`)."""
 
     split_arrays = {IMAGES: ("key", "valid")}
@@ -155,13 +151,20 @@ class ImageRows(Rows[RawRow]):
         self.spec = spec
         self.return_texts = return_texts
         self.views = cache.views
+        policy, fill = cache.view_policy()
+        self.policy = policy or Policy()  # the default records are today's crop box and flip
+        self.fill = fill or erase_fill(cache.attrs["preprocess"])
+        self.record_names = list(record_arrays(self.policy))
         self.build = {"max_pixels": int(cache.attrs["build"]["max_pixels"]),
                       "background": tuple(int(c) for c in cache.attrs["build"]["background"])}
         self._eval_tf: dict[str, Callable] = {}  # built on first use, in the process that uses it
         self.teacher_preprocess = None if teacher_preprocess is None else dict(teacher_preprocess)
         if self.teacher_preprocess is not None and "size" not in self.teacher_preprocess:
             raise DataError(f"teacher_preprocess needs a 'size', got {self.teacher_preprocess}")
-        self.urls = _shard_urls(cache, spec.images)
+        try:
+            self.urls = cache.shard_urls(spec.images)
+        except CacheError as e:  # a bad --images is a data error of the run, as the other shard problems are
+            raise DataError(str(e)) from None
         if student_preprocess is None:
             log.warning("no student preprocessing given: using the teacher's from the cache (%s)",
                         cache.attrs["preprocess"])
@@ -182,10 +185,9 @@ class ImageRows(Rows[RawRow]):
     def in_split(a: dict[str, np.ndarray], unit: Unit, split: str, val_fraction: float) -> np.ndarray:
         return _keyed(np.flatnonzero(a["valid"]), a["key"], split, val_fraction)
 
-    def unit_rows(self, cache: Cache, unit: Unit, *, split: str, epoch: int) -> Iterator[RawRow]:
+    def unit_rows(self, cache: Cache, unit: Unit, *, split: str, epoch: int) -> Iterator[RawRow | tuple[RawRow, ...]]:
         """The shard's tar streamed in order and joined to the cache rows by position, checking every key."""
-        a = cache.read(unit, [*self.split_arrays[IMAGES], "label", "caption", "caption_emb", "view_box", "view_flip",
-                              "emb"])
+        a = cache.read(unit, [*self.split_arrays[IMAGES], "label", "caption", "caption_emb", *self.record_names, "emb"])
         rows = len(a["key"])
         keep = np.zeros(rows, dtype=bool)
         keep[self.in_split(a, unit, split, self.spec.val_fraction)] = True
@@ -194,6 +196,9 @@ class ImageRows(Rows[RawRow]):
         report = ShardReport(url=url)
         seen = 0
         train = split == "train"
+        m = self.spec.views_per_sample if train else 1
+        window = self.policy.mix_window if self.policy.mixes else 0
+        recent: dict[int, dict[str, bytes]] = {}  # position -> tar members of the last `window` samples (partners)
         for raw in iter_shard(url, report):
             p = raw.position
             if p >= rows:
@@ -206,36 +211,68 @@ class ImageRows(Rows[RawRow]):
             if raw.key != cached:
                 raise DataError(f"shard {unit.index} ({url}) position {p}: the tar has key {raw.key!r} where the "
                                 f"cache has {cached!r}; the shards were moved or rewritten (check --images)")
+            if window:
+                recent[p] = raw.members
+                recent.pop(p - window - 1, None)
             if not keep[p]:
                 continue
-            v = choose_view(seed=self.spec.seed, epoch=epoch, shard=unit.index, position=p,
-                            views=self.views) if train else 0
-            has_other = bool(a["caption"][p] != "")
-            yield RawRow(shard=unit.index, position=p, key=cached, teacher=_f32(a["emb"][p, v]),
-                         other=_f32(a["caption_emb"][p]), has_other=has_other, label=int(a["label"][p]), view=v,
-                         box=tuple(int(x) for x in a["view_box"][p, v]), flip=bool(a["view_flip"][p, v]),
-                         members=raw.members, text=str(a["caption"][p]) if self.return_texts else "")
+            if not train:
+                views = [0]
+            elif m == 1:
+                views = [choose_view(seed=self.spec.seed, epoch=epoch, shard=unit.index, position=p, views=self.views)]
+            else:
+                views = choose_views(seed=self.spec.seed, epoch=epoch, shard=unit.index, position=p, views=self.views,
+                                     m=m)
+            group = tuple(self._row(a, unit, p, cached, v, raw.members, recent) for v in views)
+            yield group[0] if m == 1 else group
         if seen < rows:
             detail = f" ({report.error})" if report.error else ""
             hint = "; if the shards moved, give their new locations (--images)" if seen == 0 else ""
             raise DataError(f"shard {unit.index} ({url}) yielded {seen} samples but the cache has {rows} rows for "
                             f"it{detail}: the shard was truncated or rewritten after the build{hint}")
 
+    def _row(self, a: dict[str, np.ndarray], unit: Unit, p: int, key: str, v: int, members: dict[str, bytes],
+             recent: dict[int, dict[str, bytes]]) -> RawRow:
+        """Row `p`'s view `v`: cached targets, the view's record and, for a mixed view, its partner's members."""
+        rec = unpack_record({k: a[k][p] for k in self.record_names}, v)
+        partner = {}
+        if rec.mix_kind:
+            q = p + rec.mix_offset
+            if q not in recent:
+                raise DataError(f"shard {unit.index} position {p} (key {key!r}) view {v} is mixed with position {q}, "
+                                f"which is not within the policy's window of {self.policy.mix_window}: the cache's "
+                                "view records are damaged")
+            partner = {"partner_members": recent[q], "partner_position": q,
+                       "partner_rec": unpack_record({k: a[k][q] for k in self.record_names}, v)}
+        return RawRow(shard=unit.index, position=p, key=key, teacher=_f32(a["emb"][p, v]),
+                      other=_f32(a["caption_emb"][p]), has_other=bool(a["caption"][p] != ""),
+                      label=int(a["label"][p]), view=v, box=rec.box, flip=rec.flip, members=members,
+                      text=str(a["caption"][p]) if self.return_texts else "", rec=rec, **partner)
+
     def decode_image(self, row: RawRow):
         """The row's picture decoded exactly as the build decoded it (same max_pixels and background)."""
-        raw = RawSample(key=row.key, position=row.position, members=row.members)
+        return self._decode(row.shard, row.position, row.key, row.members)
+
+    def _decode(self, shard: int, position: int, key: str, members: dict[str, bytes]):
+        raw = RawSample(key=key, position=position, members=members)
         try:
             return parse_sample(raw, max_pixels=self.build["max_pixels"], background=self.build["background"]).image
         except RejectError as e:
-            raise DataError(f"shard {row.shard} position {row.position} (key {row.key!r}) was valid at build time but "
+            raise DataError(f"shard {shard} position {position} (key {key!r}) was valid at build time but "
                             f"now fails to decode ({e}): the shard was rewritten after the build") from None
+
+    def _partner(self, row: RawRow):
+        """A mixed view's partner picture (None for an unmixed view)."""
+        if row.partner_members is None:
+            return None
+        return self._decode(row.shard, row.partner_position, f"partner of {row.key}", row.partner_members)
 
     def replay(self, row: RawRow) -> torch.Tensor:
         """The cached view of the row at the student's size: view 0 is the student's own eval transform (as view 0
-        is the teacher's), view v >= 1 the recorded crop box and flip resized with the student's interpolation."""
-        return self._render(self.decode_image(row), row, "student")
+        is the teacher's), view v >= 1 its record replayed with the student's size and interpolation."""
+        return self._render(self.decode_image(row), self._partner(row), row, "student")
 
-    def _render(self, img, row: RawRow, who: str) -> torch.Tensor:
+    def _render(self, img, partner, row: RawRow, who: str) -> torch.Tensor:
         """The row's view of a decoded picture at `who`'s ("student" | "teacher") size and interpolation."""
         preprocess = self.student_preprocess if who == "student" else self.teacher_preprocess
         if row.view == 0:
@@ -243,23 +280,27 @@ class ImageRows(Rows[RawRow]):
                 self._eval_tf[who] = eval_transform_uint8(preprocess)
             return self._eval_tf[who](img)
         interp = preprocess.get("interpolation") or PreprocessCfg.interpolation
-        return render_view(img, row.box, row.flip, size=size_hw(preprocess), interpolation=interp)
+        rec = row.rec if row.rec is not None else ViewRecord(box=row.box, flip=row.flip)
+        return render(img, rec, size=size_hw(preprocess), interpolation=interp, fill=self.fill, partner=partner,
+                      partner_rec=row.partner_rec)
 
-    def batch(self, rows: list[RawRow]) -> dict:
-        if self.teacher_preprocess is None:
-            pixels = torch.stack([self.replay(r) for r in rows])
-            extra = {}
-        else:  # decode once, render the same view for both models
-            views = []
-            for r in rows:
-                img = self.decode_image(r)
-                views.append((self._render(img, r, "student"), self._render(img, r, "teacher")))
-            pixels = torch.stack([s for s, _ in views])
-            extra = {"teacher_pixels": torch.stack([t for _, t in views])}
+    def batch(self, rows: list[RawRow | tuple[RawRow, ...]]) -> dict:
+        # A views-per-sample group is decoded once for all its views (and, with teacher_preprocess, for both models).
+        groups = [g if isinstance(g, tuple) else (g,) for g in rows]
+        rows = [r for g in groups for r in g]
+        students, teachers = [], []
+        for g in groups:
+            img = self.decode_image(g[0])
+            for r in g:
+                partner = self._partner(r)
+                students.append(self._render(img, partner, r, "student"))
+                if self.teacher_preprocess is not None:
+                    teachers.append(self._render(img, partner, r, "teacher"))
+        extra = {} if self.teacher_preprocess is None else {"teacher_pixels": torch.stack(teachers)}
         if self.return_texts:
             extra["texts"] = [r.text for r in rows]
         return {
-            "pixels": pixels,
+            "pixels": torch.stack(students),
             "teacher": torch.from_numpy(np.stack([r.teacher for r in rows])),
             "other": torch.from_numpy(np.stack([r.other for r in rows])),
             "has_other": torch.tensor([r.has_other for r in rows], dtype=torch.bool),
