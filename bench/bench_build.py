@@ -309,7 +309,7 @@ def bare_forward(spec: str, pretrained, pixels: torch.Tensor, tokens: torch.Tens
 
 def kdcache_build(spec: str, pretrained, urls: list[str], out: str, *, views: int, batch_size: int, workers: int,
                   threads: int | None, limit: int | None, allow_random: bool, device: str = "cpu",
-                  precision: str = "fp32") -> dict:
+                  precision: str = "fp32", augment: str | None = None) -> dict:
     """`kdcache build` through its Python API; the teacher load inside it is timed by wrapping load_teacher (the
     build imports it at call time), so its images/s excludes the same start-up as the other configurations."""
     import kdcache.teacher as teacher_mod
@@ -329,7 +329,8 @@ def kdcache_build(spec: str, pretrained, urls: list[str], out: str, *, views: in
     try:
         res = run(BuildConfig(out=out, teacher=spec, images=tuple(urls), pretrained=pretrained,
                               allow_random_init=allow_random, views=views, batch_size=batch_size, workers=workers,
-                              threads=threads, limit=limit, device=device, precision=precision, progress=False))
+                              threads=threads, limit=limit, device=device, precision=precision, augment=augment,
+                              progress=False))
     finally:
         teacher_mod.load_teacher = original
     return {"n": res.summary["images"], "setup_s": sum(setup)}

@@ -45,6 +45,7 @@ BENCHES = [
     ("online", "bench_online.py", []),                    # offline vs online KD (issue 5 item 4)
     ("memory", "bench_memory.py", []),                    # peak RSS of train ÷ student-only loop (item 6)
     ("bytes", "bench_bytes.py", []),                      # bytes per sample-view, lossy storage (item 5)
+    ("views", "bench_views.py", []),                      # strong views: record bytes, build and loader cost: ~5 min
 ]
 
 # The issue's targets, listed for a bench whose JSON does not state its own.
