@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 
 from kdcache import __version__
 from kdcache.modelcfg import open_clip_from_config
-from kdcache.teacher import load_teacher, same_teacher, teacher_mismatch
+from kdcache.teacher import load_teacher, quiet_no_weights_warning, same_teacher, teacher_mismatch
 from kdcache.train.rundir import load_run_student, read_done
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 # Model-level settings that apply to both towers: mixing towers that disagree on them would change one tower.
 _SHARED_KEYS = ("quick_gelu", "cast_dtype")
 _TOWER_PREFIX = "visual."
+# modelcfg.open_clip_from_config builds a config through a temporary local-dir named so (under the temp directory).
+_CONFIG_DIR_PREFIX = "kdcache-model-"
 
 
 class ExportError(ValueError):
@@ -123,8 +126,10 @@ def export(*, out: str, image_run: str | None = None, text_run: str | None = Non
     state["logit_scale"] = torch.tensor(math.log(run_conf["logit_scale"])).reshape(state["logit_scale"].shape)
     config = {"model_cfg": model_cfg, "preprocess_cfg": _preprocess_cfg(image.preprocess)}
 
-    # Prove it loads (strictly) before writing anything a user would trust.
-    model = open_clip_from_config(config)
+    # Prove it loads (strictly) before writing anything a user would trust. The model is built from the config alone
+    # and filled just below, so open_clip's "no weights, initialized randomly" warning about it would be false.
+    with quiet_no_weights_warning(_is_config_build):
+        model = open_clip_from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportError(f"combined state dict does not fit the combined config: missing {missing[:5]}, "
@@ -135,6 +140,12 @@ def export(*, out: str, image_run: str | None = None, text_run: str | None = Non
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "open_clip_model.safetensors"))
     (out_dir / "README.md").write_text(model_card(config, image.source, text.source))
     return out_dir
+
+
+def _is_config_build(model_name: str) -> bool:
+    """Whether open_clip's model name is open_clip_from_config's temporary local-dir."""
+    path = Path(model_name.removeprefix("local-dir:"))
+    return path.parent == Path(tempfile.gettempdir()) and path.name.startswith(_CONFIG_DIR_PREFIX)
 
 
 def _preprocess_cfg(pp: dict) -> dict:

@@ -5,7 +5,9 @@
 It writes a few small sample shards and a caption file, builds a cache with a tiny random-init teacher (so every
 number it prints is meaningless: it shows the mechanics), runs `info` and `verify`, trains a tiny image student and a
 tiny text student from the cache alone, exports them as one CLIP that stock open_clip loads, evaluates teacher and
-students side by side on held-out shards (zero-shot), and compares them in one table (plus plots with matplotlib).
+students side by side on held-out shards (zero-shot: report, confusion-matrix and per-class PNGs), and compares them
+in one table with training-curve and accuracy-vs-latency PNGs. With the random teacher the table is printed as
+mechanics only (teacher marked RANDOM, no Δ columns), ending with the README's real-teacher command.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from kdcache.train.loop import run as train
 
 TINY_TEACHER = "kdc-tiny-vit.json"
 QUICKSTART_CLASSES = ("red", "green", "blue")
+# The README's real-teacher command (section `kdcache quickstart`): the same path on CIFAR-10, a trained teacher.
+REAL_TEACHER_COMMAND = ("python experiments/cifar10_distill.py --train-shards 1 --epochs 1 --test-limit 500 "
+                        "--workdir /tmp/kdc-cifar10 --results /tmp/kdc-cifar10/compare.md")
 
 
 def tiny_teacher_path() -> str:
@@ -82,12 +87,18 @@ def run_quickstart(workdir: str, *, teacher: str | None = None, images: tuple[st
     reports = work / "reports"
     models = (cfg.teacher, str(exported), str(runs / "image"))
     print(f"[6/7] eval: {', '.join(models)} on {'held-out shards' if test_images else 'the given shards'} (zero-shot)")
-    evaluate(EvalConfig(models=models, data=test_images or images, task="zeroshot", out=str(reports / "zeroshot"),
-                        classes=str(classes_file), templates="photo", cache=str(cache),
-                        allow_random_init=random_teacher, limit=None if test_images else 256, progress=False))
+    report = evaluate(EvalConfig(models=models, data=test_images or images, task="zeroshot",
+                                 out=str(reports / "zeroshot"), classes=str(classes_file), templates="photo",
+                                 cache=str(cache), allow_random_init=random_teacher,
+                                 limit=None if test_images else 256, progress=False))
+    eval_pngs = [reports / "zeroshot" / name for m in report["models"] for name in m["metrics"]["plots"].values()]
     print(f"[7/7] compare -> {work / 'compare.md'}")
     table, written = write_compare([str(reports / "zeroshot")], out=str(work / "compare.md"),
                                    runs=(str(runs / "image"), str(runs / "text")))
+    if random_teacher:
+        print("      MECHANICS ONLY, NOT A RESULT: the teacher has random weights, so its accuracy is chance and a "
+              "student\n      scoring above it means nothing (no Δ columns). Agreement, size and speed are measured "
+              "as usual.")
     print(table)
     print(f"\nquickstart finished in {time.time() - t0:.0f} s. Everything is under {work}/:")
     print(f"  sample shards and captions  {data}/")
@@ -95,10 +106,11 @@ def run_quickstart(workdir: str, *, teacher: str | None = None, images: tuple[st
     print(f"  training runs               {runs}/image, {runs}/text  (metrics.csv, checkpoints, config.json)")
     print(f"  exported CLIP               {exported}  (open_clip.create_model_and_transforms('local-dir:{exported}'))")
     print(f"  eval report                 {reports / 'zeroshot'}/report.md")
-    print("  comparison and plots        " + ", ".join(str(p) for p in written))
-    if not any(str(p).endswith(".png") for p in written):
-        print("  (no plots: pip install 'kdcache[plot]' for training-curve and accuracy-vs-latency PNGs)")
+    print(f"  comparison                  {written[0]}")
+    for p in [*written[1:], *eval_pngs]:
+        print(f"  plot                        {p}")
     if random_teacher:
-        print("The teacher was random, so only the mechanics, not the numbers, mean anything. Point --teacher at a "
-              "real model to see real ones.")
+        print("The teacher was random, so only the mechanics, not the numbers, mean anything. For real numbers, run "
+              "the README's\nreal-teacher command (section `kdcache quickstart`; needs the CIFAR-10 teacher and "
+              f"shards in ../shared):\n  {REAL_TEACHER_COMMAND}")
     return 0

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,52 @@ _RANDOM_HINT = ("Pass --allow-random-init (`kdcache train --online-teacher`: --o
 
 class TeacherError(ValueError):
     """The teacher spec cannot be turned into a trustworthy frozen teacher."""
+
+
+# open_clip.create_model's two warnings (root logger) when it loads no weights; group 1: the model, as it spells it.
+_NO_WEIGHTS = (re.compile(r"Local config loaded, but no CLIP weights found in (.+)"),
+               re.compile(r"No pretrained weights loaded for model '(.+)'\. Model initialized randomly\."))
+
+
+def _oc_model_name(name: str) -> str:
+    """A model name as open_clip's warnings spell it: local-dir paths as `Path` prints them, with the prefix."""
+    schema, ident = oc_factory.parse_model_name(name)
+    return f"{oc_factory.LOCAL_DIR_PREFIX}{Path(ident)}" if schema == "local-dir" else name
+
+
+class _NoWeightsFilter(logging.Filter):
+    """Drops open_clip's "no weights ... initialized randomly" warnings about the models `about` accepts; every other
+    record passes."""
+
+    def __init__(self, about: Callable[[str], bool]) -> None:
+        super().__init__()
+        self.about = about
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "root" or record.levelno != logging.WARNING:
+            return True
+        msg = record.getMessage()
+        for i, pattern in enumerate(_NO_WEIGHTS):
+            m = pattern.fullmatch(msg)
+            if m:
+                name = f"{oc_factory.LOCAL_DIR_PREFIX}{m.group(1)}" if i == 0 else m.group(1)
+                return not self.about(_oc_model_name(name))
+        return True
+
+
+@contextlib.contextmanager
+def quiet_no_weights_warning(about: Callable[[str], bool]) -> Iterator[None]:
+    """While the block runs, drop open_clip's "No pretrained weights loaded ... Model initialized randomly" (and "no
+    CLIP weights found") warnings about the models `about` accepts (it gets open_clip's model name, local-dir paths
+    normalised). For a model kdcache fills with weights itself right after building it, or whose random init kdcache
+    announces in its own words: any other warning, and these warnings about any other model, still show."""
+    f = _NoWeightsFilter(about)
+    root = logging.getLogger()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
 
 
 @dataclass(eq=False)
@@ -286,8 +333,13 @@ def load_teacher(spec: str, *, pretrained: str | None = None, allow_random_init:
         if src.checkpoint is None and not allow_random_init:
             raise TeacherError(f"teacher {spec!r} has no weights to load ({src.no_weights_reason}). {_RANDOM_HINT}")
         digest = file_sha256(src.checkpoint) if src.checkpoint else None
+        random_init = src.checkpoint is None
+        # A random teacher gets kdcache's own warning below, naming the spec the user gave; open_clip's would name the
+        # temporary local-dir a JSON config goes through. A teacher with a checkpoint is never filtered.
+        own = _oc_model_name(src.name)
+        quiet = quiet_no_weights_warning(lambda name: name == own) if random_init else contextlib.nullcontext()
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), quiet:
                 torch.manual_seed(INIT_SEED)
                 model = open_clip.create_model(
                     src.name, src.pretrained, device=dev, precision="fp32",  # autocast, not cast weights
@@ -296,7 +348,6 @@ def load_teacher(spec: str, *, pretrained: str | None = None, allow_random_init:
             tokenizer = open_clip.get_tokenizer(src.name)
         except (RuntimeError, ValueError, OSError, KeyError, TypeError) as e:
             raise TeacherError(f"open_clip could not build teacher {spec!r}: {e}") from e
-        random_init = src.checkpoint is None
         if random_init:
             logger.warning("teacher %r has RANDOM weights (--allow-random-init, seed %d): its outputs are meaningless",
                            spec, INIT_SEED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -11,7 +12,7 @@ from conftest import build_cache
 from kdcache.cache.reader import open_cache
 from kdcache.cli.main import cli
 
-COMMANDS = ["build", "info", "verify", "show", "train", "export", "eval", "compare", "quickstart"]
+COMMANDS = ["build", "pack", "info", "verify", "show", "train", "export", "eval", "compare", "quickstart"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -80,10 +81,30 @@ def test_duplicate_keys_across_shards_are_kept_and_reported(tmp_path, teacher_sp
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path):
+    from kdcache.quickstart import REAL_TEACHER_COMMAND
+
     r = CliRunner().invoke(cli, ["quickstart", "--workdir", str(tmp_path / "qs")])
     assert r.exit_code == 0, r.output
     assert "meaningless" in r.output and "OK" in r.output
     assert open_cache(str(tmp_path / "qs" / "cache.zarr")).complete
+    # The random teacher's table is printed as mechanics, not as a result: RANDOM, no Δ, a way to real numbers.
+    assert "(teacher, RANDOM)" in r.output and "Δ top-1" not in r.output and "MECHANICS ONLY" in r.output
+    assert r.output.index(REAL_TEACHER_COMMAND) > r.output.index("quickstart finished")  # it ends with the pointer
+    assert "matplotlib" not in r.output
+    # Every plot is written and its path printed: the two comparison plots and two per evaluated model.
+    pngs = [line.split()[-1] for line in r.output.splitlines() if line.strip().startswith("plot ")]
+    assert len(pngs) == 2 + 2 * 3 and all(p.endswith(".png") and Path(p).is_file() for p in pngs)
+    assert {Path(p).name for p in pngs} >= {"compare-training.png", "compare-accuracy-latency.png"}
+
+
+def test_quickstart_points_at_a_real_teacher_command_the_readme_shows():
+    from kdcache.quickstart import REAL_TEACHER_COMMAND
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### `kdcache quickstart", 1)[1].split("\n## ", 1)[0]
+    assert REAL_TEACHER_COMMAND in section
+    script = Path(__file__).parents[1] / REAL_TEACHER_COMMAND.split()[1]
+    assert script.is_file()
 
 
 @pytest.mark.parametrize("args, message", [

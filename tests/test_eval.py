@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import struct
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,9 @@ from click.testing import CliRunner
 from conftest import CLASSES, build_cache
 
 from kdcache.cli.eval_cmds import compare_cmd, eval_cmd
-from kdcache.eval import compare as compare_mod
 from kdcache.eval.compare import DAGGER, CompareError, compare
 from kdcache.eval.models import ModelError, resolve_model
+from kdcache.eval.report import short_names
 from kdcache.eval.run import EvalConfig, EvalError, run
 
 # Latency is measured but never asserted beyond "a positive number": keep it cheap.
@@ -35,6 +37,19 @@ def work(tmp_path_factory, teacher_spec, shards, classes_file):
     export(out=str(d / "exported"), image_run=str(d / "run"), text_from_teacher=teacher_spec)
     return {"dir": d, "cache": str(cache), "run": str(d / "run"), "exported": str(d / "exported"),
             "teacher": teacher_spec, "shards": tuple(shards), "classes": classes_file}
+
+
+def assert_png(path: Path) -> None:
+    """A real picture: PNG signature, a width and height a reader can see, and more than a blank canvas."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    w, h = struct.unpack(">II", data[16:24])
+    assert 300 <= w <= 4000 and 250 <= h <= 4000, f"{path}: {w}x{h}"
+    with Image.open(path) as im:
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50, f"{path} is (nearly) blank"
 
 
 def _zeroshot(work, out, models, **kw) -> dict:
@@ -70,6 +85,19 @@ def test_report_files_and_keys(three, work):
                     "## Confusion matrices", "| model | top-1 | top-5 | macro P | macro R | macro F1 | weighted F1 |"):
         assert section in md
     assert on_disk["timing"]["side_by_side"] is True
+
+
+def test_zeroshot_writes_confusion_and_per_class_pngs_linked_from_the_report(three):
+    out, rep = three
+    md = (out / "report.md").read_text()
+    for i, m in enumerate(rep["models"]):
+        plots = m["metrics"]["plots"]
+        assert set(plots) == {"confusion", "per_class"}
+        assert plots["confusion"].startswith(f"confusion-{i}-") and plots["per_class"].startswith(f"per-class-{i}-")
+        for name in plots.values():
+            assert_png(out / name)
+            assert f"]({name})" in md  # a Markdown image link, relative to report.md
+    assert len(list(out.glob("*.png"))) == 2 * len(rep["models"])
 
 
 def test_teacher_accuracy_equals_a_direct_computation(three, work):
@@ -206,6 +234,7 @@ def test_cli_eval(work, tmp_path):
                                       "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "top-1" in r.output and "report.md" in r.output
+    assert "plots: " in r.output and str(tmp_path / "r" / "confusion-0-") in r.output
     r = CliRunner().invoke(eval_cmd, ["--model", work["exported"], "--data", work["shards"][0], "--task", "zeroshot",
                                       "--out", str(tmp_path / "r2")])
     assert r.exit_code != 0 and "needs --classes" in r.output
@@ -249,24 +278,114 @@ def test_compare_marks_ratios_from_separate_runs(work, export_alone, tmp_path):
 
 
 def test_compare_writes_markdown_and_plots(three, export_alone, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "cmp" / "compare.md"
     md = compare([str(three[0]), str(export_alone)], out=str(out))
     assert out.read_text() == md
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed
     for png in (tmp_path / "cmp" / "compare-training.png", tmp_path / "cmp" / "compare-accuracy-latency.png"):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # a PNG, not an empty file
+        assert_png(png)
         assert f"wrote {png}" in printed and f"({png.name})" in md
+    assert "matplotlib" not in md
 
 
-def test_compare_without_matplotlib_still_writes_tables(three, monkeypatch, tmp_path):
-    monkeypatch.setattr(compare_mod, "have_matplotlib", lambda: False)
-    out = tmp_path / "compare.md"
-    md = compare([str(three[0])], out=str(out))
-    assert out.is_file() and len(_rows(md)) == 3
-    assert "matplotlib is not installed" in md and "kdcache[plot]" in md
-    assert not list(tmp_path.glob("*.png"))
+def test_compare_rows_have_short_names_and_the_full_specs_below(three, work):
+    md = compare([str(three[0])])
+    names = [row.split(" | ")[0].removeprefix("| ") for row in _rows(md)]
+    assert names == [f"**{Path(work['teacher'].removeprefix('local-dir:')).name}** (teacher)", "exported", "run"]
+    assert not any("/" in n for n in names)
+    listed = md.split("Models:", 1)[1]
+    for spec in (work["teacher"], work["exported"], work["run"]):
+        assert f"`{spec}`" in listed
+
+
+def test_short_names_tell_equal_names_apart():
+    def m(spec, kind="export", pretrained=None):
+        return {"spec": spec, "kind": kind, "reload": {"spec": spec, "pretrained": pretrained}}
+
+    assert short_names([m("/w/a/exported"), m("/w/b/exported/"), m("/w/runs/image", "run")]) == \
+        ["a/exported", "b/exported", "image"]
+    assert short_names([m("ViT-B-32", "open_clip", "openai"), m("hf-hub:timm/ViT-B-16-SigLIP", "open_clip"),
+                        m("local-dir:/t/kdc-cifar10-rn18", "open_clip"), m("/c/kdc-tiny-vit.json", "open_clip")]) == \
+        ["ViT-B-32 (openai)", "ViT-B-16-SigLIP", "kdc-cifar10-rn18", "kdc-tiny-vit"]
+    # The same directory with other weights in two reports (re-exported between them): the report tells them apart.
+    assert short_names([m("/w/exported"), m("/w/exported")], contexts=["rep1", "rep2"]) == \
+        ["exported [rep1]", "exported [rep2]"]
+    assert short_names([m("/w/exported"), m("/w/exported")]) == ["exported #1", "exported #2"]
+    assert short_names([m("/w/exported"), m("/w/exported"), m("/v/exported")], contexts=["r1", "r2", "r2"]) == \
+        ["w/exported [r1]", "w/exported [r2]", "v/exported"]
+
+
+def test_compare_marks_a_random_teacher_and_drops_the_deltas(work, three, tmp_path):
+    """Against a random-init teacher a student "beats" it by tens of points: the table must not read as a result."""
+    from kdcache.quickstart import tiny_teacher_path
+
+    out = tmp_path / "random"
+    rep = _zeroshot(work, out, [tiny_teacher_path(), work["exported"]], allow_random_init=True)
+    assert rep["models"][0]["is_teacher"] and rep["models"][0]["provenance"]["identity"]["random_init"]
+    md = compare([str(out)])
+    header = next(line for line in md.splitlines() if line.startswith("| model"))
+    rows = _rows(md)
+    assert "**kdc-tiny-vit** (teacher, RANDOM)" in rows[0]
+    assert "Δ" not in header and all(r.count(" | ") == header.count(" | ") for r in rows)
+    assert "RANDOM weights" in md and "no Δ against it" in md
+    # A teacher with real weights keeps its Δ columns and is not called random.
+    md = compare([str(three[0])])
+    assert "Δ top-1" in md and "RANDOM" not in md
+
+
+# open_clip logs "No pretrained weights loaded for model ... Model initialized randomly." on the root logger.
+NO_WEIGHTS = ("initialized randomly", "no CLIP weights found")
+
+
+def _no_weights_records(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if any(s in r.getMessage() for s in NO_WEIGHTS)]
+
+
+def test_export_and_eval_of_an_export_say_nothing_about_random_weights(work, tmp_path, caplog):
+    from kdcache.export import export
+    from kdcache.modelcfg import load_config_file, open_clip_from_config
+    from kdcache.quickstart import tiny_teacher_path
+
+    caplog.set_level(logging.INFO)
+    open_clip_from_config(load_config_file(tiny_teacher_path()))  # what export does, unfiltered: open_clip warns
+    assert len(_no_weights_records(caplog)) == 2
+    caplog.clear()
+    export(out=str(tmp_path / "exp"), image_run=work["run"], text_from_teacher=work["teacher"])
+    m = resolve_model(str(tmp_path / "exp"))
+    assert m.kind == "export"
+    assert _no_weights_records(caplog) == []
+    assert any("Loading full pretrained weights" in r.getMessage() for r in caplog.records)  # open_clip was heard
+
+
+def test_a_random_teacher_still_warns(caplog):
+    from kdcache.quickstart import tiny_teacher_path
+    from kdcache.teacher import load_teacher
+
+    caplog.set_level(logging.WARNING)
+    load_teacher(tiny_teacher_path(), allow_random_init=True)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(r.name == "kdcache.teacher" and "has RANDOM weights" in r.getMessage() for r in warnings)
+    # open_clip's own notice would name the temporary local-dir a JSON config goes through: kdcache's names the spec.
+    assert _no_weights_records(caplog) == []
+
+
+def test_the_no_weights_filter_drops_only_its_own_model(caplog):
+    """The filter is scoped to the block and to one model: the same warning about another model, and any other
+    warning, still show, and nothing is dropped once the block ends."""
+    from kdcache.teacher import quiet_no_weights_warning
+
+    caplog.set_level(logging.WARNING)
+    mine = "No pretrained weights loaded for model 'local-dir:/tmp/mine'. Model initialized randomly."
+    other = "No pretrained weights loaded for model 'ViT-B-32'. Model initialized randomly."
+    with quiet_no_weights_warning(lambda name: name == "local-dir:/tmp/mine"):
+        logging.warning(mine)
+        logging.warning("Local config loaded, but no CLIP weights found in /tmp/mine")
+        logging.warning(other)
+        logging.warning("something else went wrong")
+        logging.getLogger("kdcache.x").warning(mine)  # not open_clip's (root) record: kept
+    logging.warning(mine)
+    assert [r.getMessage() for r in caplog.records] == [other, "something else went wrong", mine, mine]
 
 
 def test_compare_cli_and_errors(three, tmp_path):

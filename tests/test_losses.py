@@ -129,7 +129,8 @@ def test_gradients_reach_the_student(batch, name):
     other[1] = float("nan")
     x = LossInputs(student=student, teacher=batch["teacher"], head=batch["head"], logit_scale=10.0, temperature=2.0,
                    labels=torch.tensor([0, -1, 1, 2, 3, 4]), other=other,
-                   has_other=torch.tensor([True, False, True, True, True, True]))
+                   has_other=torch.tensor([True, False, True, True, True, True]),
+                   hints=((student * 3, batch["teacher"]),))  # `hint`: a student feature that is not unit-norm
     value = LOSSES[name]()(x)
     assert value.ndim == 0 and torch.isfinite(value)
     value.backward()
@@ -180,3 +181,12 @@ def test_default_losses_are_label_free():
     assert default_losses("text", {"logits", "pairs"}, has_labels=True) == {"cosine": 1.0}
     for tower in ("image", "text"):
         WeightedLoss(default_losses(tower, {"logits"}, has_labels=False), tower=tower).check({"logits"})
+
+
+def test_hint_loss_by_hand():
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    t = torch.tensor([[3.0, 0.0], [1.0, 0.0]])  # row 0 aligned (scale does not matter), row 1 orthogonal
+    x = LossInputs(student=s, teacher=s, hints=((s, t), (s, s)))
+    assert LOSSES["hint"]()(x).item() == pytest.approx(((0 + 1) / 2 + 0) / 2)
+    with pytest.raises(ValueError, match="hint-map"):
+        LOSSES["hint"]()(LossInputs(student=s, teacher=s, hints=()))

@@ -21,15 +21,16 @@ from kdcache.cache.captions import CaptionRow, iter_caption_records
 from kdcache.cache.config import BuildConfig, BuildError, view_policy
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
 from kdcache.cache.stream import ShardMeta
+from kdcache.hints import HintError, HintHooks
 from kdcache.shards import Reject
 
 if TYPE_CHECKING:
     from kdcache.teacher import Teacher
 
-# One teacher batch's outputs for a shard: (positions, views, emb, topk idx, topk values, lse); the last three are
-# None without a class vocabulary.
+# One teacher batch's outputs for a shard: (positions, views, emb, topk idx, topk values, lse, hints); topk and lse
+# are None without a class vocabulary, hints ({name: [B, C]}) empty without --hints.
 BatchOutputs = tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                     torch.Tensor | None]
+                     torch.Tensor | None, dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -54,22 +55,40 @@ class TeacherPass:
         self.tokens = cache_tokens.describe(teacher.tokenizer)  # None: this tokenizer's tokens are not stored
         dim = teacher.embed_dim
         self.policy = view_policy(cfg)
+        # Hints: hooks stay on the frozen teacher for the whole build; a probe forward gives each pooled width.
+        try:
+            self.hooks = HintHooks(teacher.model, cfg.hints, mode=cfg.hint_pool).__enter__() if cfg.hints else None
+        except HintError as e:
+            raise BuildError(f"--hints: {e}") from None
+        self.hints = self._probe_hints(cfg) if cfg.hints else None  # build["hints"]
         self.image_specs = schema.image_arrays(views=cfg.views, dim=dim, topk=topk, embed_dtype=cfg.embed_dtype,
-                                               tokens=self.tokens, policy=self.policy)
+                                               tokens=self.tokens, policy=self.policy, hints=self.hints)
         self.caption_specs = schema.caption_arrays(dim=dim, embed_dtype=cfg.embed_dtype, tokens=self.tokens)
 
+    def _probe_hints(self, cfg: BuildConfig) -> dict:
+        h, w = self.teacher.preprocess["size"]
+        self.teacher.encode_images(torch.zeros(1, 3, h, w, dtype=torch.uint8))
+        feats = self.hooks.take()
+        try:
+            layers = [{"name": n, "dim": int(feats[n].shape[-1])} for n in cfg.hints]
+        except KeyError as e:
+            raise BuildError(f"--hints {e}: the module did not run in the image tower") from None
+        return {"pool": cfg.hint_pool, "layers": layers}
+
     # -- teacher outputs
-    def image_outputs(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Embeddings and, with a vocabulary, top-k logits and log-sum-exp: all computed on the teacher's device (a
-        [B, C] logits matrix never crosses to the host), then copied back once."""
+    def image_outputs(self, pixels: torch.Tensor) -> tuple:
+        """Embeddings, with a vocabulary top-k logits and log-sum-exp, and with --hints the pooled hint features
+        ({name: float [B, C]}): all computed on the teacher's device (a [B, C] logits matrix never crosses to the
+        host), then copied back once."""
         emb = self.teacher.encode_images(pixels, on_device=True)
+        hints = {n: f.cpu() for n, f in self.hooks.take().items()} if self.hooks is not None else {}
         if self.head is None:
-            return emb.cpu(), None, None, None
+            return emb.cpu(), None, None, None, hints
         with torch.inference_mode():
             logits = self.teacher.logit_scale * emb @ self.head.T
             val, idx = logits.topk(self.topk, dim=1)
             lse = torch.logsumexp(logits, dim=1)
-        return emb.cpu(), idx.to(torch.int32).cpu(), val.cpu(), lse.cpu()
+        return emb.cpu(), idx.to(torch.int32).cpu(), val.cpu(), lse.cpu(), hints
 
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """Teacher text embeddings (float32 [N, D]) and, when the cache stores them, the tokens they came from."""
@@ -94,8 +113,10 @@ class TeacherPass:
         data["src_size"][:] = meta.src_size
         for name, records in meta.records.items():
             data[name][:] = records
-        for pos, view, emb, idx, val, lse in parts:
+        for pos, view, emb, idx, val, lse, hints in parts:
             data["emb"][pos, view] = schema.encode_embeddings(emb.numpy(), self.embed_dtype)
+            for i, layer in enumerate((self.hints or {}).get("layers", [])):
+                data[schema.hint_array(i)][pos, view] = hints[layer["name"]].numpy().astype(np.float16)
             if idx is not None:
                 data["topk_idx"][pos, view] = idx.numpy()
                 data["topk_val"][pos, view] = val.numpy()

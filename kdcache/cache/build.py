@@ -198,7 +198,7 @@ class _Builder:
             "embed_dim": teacher.embed_dim,
             "logit_scale": float(teacher.logit_scale),
             "build": {**resolved_build(cfg, threads, teacher.precision, self.teach.topk, teacher.preprocess),
-                      "tokens": self.teach.tokens},
+                      "tokens": self.teach.tokens, **({"hints": self.teach.hints} if self.teach.hints else {})},
             "inputs": {"images": urls, "captions": [c["spec"] for c in corpora],
                        "caption_records": [c["records"] for c in corpora]},
             "versions": library_versions(),
@@ -234,6 +234,8 @@ class _Builder:
                 attrs["capabilities"].append(schema.CAP_TOKENS)
             if strong(self.teach.policy) and attrs["inputs"]["images"]:
                 attrs["capabilities"].append(schema.CAP_STRONG_VIEWS)
+            if self.teach.hints and attrs["inputs"]["images"]:
+                attrs["capabilities"].append(schema.CAP_HINTS)
             attrs["required_capabilities"] = [c for c in attrs["capabilities"] if c in schema.MUST_UNDERSTAND]
             root.attrs[schema.ROOT_ATTR] = attrs
         dist.barrier()
@@ -279,8 +281,8 @@ class _Builder:
         rows_seen, shards_seen = 0, 0
         for item in loader:
             if isinstance(item, Batch):
-                emb, idx, val, lse = teach.image_outputs(item.pixels)
-                parts.setdefault(item.unit.name, []).append((item.positions, item.views, emb, idx, val, lse))
+                emb, idx, val, lse, hints = teach.image_outputs(item.pixels)
+                parts.setdefault(item.unit.name, []).append((item.positions, item.views, emb, idx, val, lse, hints))
                 bar.update(int((item.views == 0).sum()))
                 continue
             data, status = teach.shard_unit(item, parts.pop(item.unit.name, []))

@@ -38,6 +38,8 @@ class BuildConfig:
     precision: str = "fp32"
     embed_dtype: str = "fp16"
     augment: str | None = None        # kdcache.augment policy spec for views >= 1; None: today's crop + flip
+    hints: tuple[str, ...] = ()       # image-tower module paths whose pooled outputs are cached per view
+    hint_pool: str = "cls"            # how token outputs are pooled (kdcache.hints.POOLS); conv outputs: average
     seed: int = 0
     limit: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -16,7 +16,7 @@ Versioning: readers must match SCHEMA_MAJOR. Optional arrays are announced in th
 bump SCHEMA_MINOR when new ones are added; readers check capabilities, not the minor version.
 1.0: the first layout. 1.1: `int8_embeddings` (embeddings stored as int8; see encode_embeddings). 1.2: `tokens`.
 1.3: `strong_views` (view records beyond crop box and flip: RandAugment ops, erasing, mixing; see kdcache.augment;
-the policy is build["augment"]).
+the policy is build["augment"]); `hints` (pooled teacher features of chosen modules per view, build["hints"]).
 
 Embeddings (EMBEDDING_ARRAYS) are stored as fp16 (default), fp32, or int8. int8 is quantised per vector:
 q = round(x / max|x| * 127), so each vector's largest component is exactly ±127. No scale is stored: every stored
@@ -57,8 +57,9 @@ CAP_PAIRED = "paired_captions"   # at least one image row has a caption and its 
 CAP_INT8 = "int8_embeddings"     # 1.1: EMBEDDING_ARRAYS hold int8 codes; read them through decode_embeddings
 CAP_TOKENS = "tokens"            # 1.2: the teacher tokenizer's caption tokens (kdcache.tokens; build["tokens"])
 CAP_STRONG_VIEWS = "strong_views"  # 1.3: per-view op/erase/mix records (kdcache.augment; build["augment"])
+CAP_HINTS = "hints"              # 1.3: per-view pooled teacher features (kdcache.hints; build["hints"])
 KNOWN_CAPABILITIES = (CAP_IMAGES, CAP_CAPTIONS, CAP_LOGITS, CAP_LABELS, CAP_PAIRED, CAP_INT8, CAP_TOKENS,
-                      CAP_STRONG_VIEWS)
+                      CAP_STRONG_VIEWS, CAP_HINTS)
 # Capabilities that change how existing arrays must be read: a cache lists the ones it uses in the root's
 # "required_capabilities", and a reader refuses a cache that requires one it does not know (instead of, say, reading
 # int8 codes as numbers). Purely additive capabilities (new optional arrays) are never required.
@@ -161,10 +162,16 @@ def _record_specs(views: int, policy) -> list[ArraySpec]:
             for name, (dt, shape) in record_arrays(policy).items() if name not in ("view_box", "view_flip")]
 
 
+def hint_array(i: int) -> str:
+    """The array of the i-th cached hint (build["hints"]["layers"][i])."""
+    return f"hint{i:02d}"
+
+
 def image_arrays(*, views: int, dim: int, topk: int, embed_dtype: str, tokens: dict | None = None,
-                 policy=None) -> dict[str, ArraySpec]:
+                 policy=None, hints: dict | None = None) -> dict[str, ArraySpec]:
     """Arrays of an image shard unit. Rows are sample positions in the shard; rejected rows have valid=False.
-    `policy` is a non-default kdcache.augment.Policy (its record arrays follow view_flip)."""
+    `policy` is a non-default kdcache.augment.Policy (its record arrays follow view_flip); `hints` is build["hints"]
+    (one float16 array of pooled features per hinted module and view, NaN where unwritten)."""
     specs = _token_specs("caption_tokens", tokens) + [
         ArraySpec("key", str, (), "", True),
         ArraySpec("valid", "bool", (), False, True),
@@ -183,6 +190,8 @@ def image_arrays(*, views: int, dim: int, topk: int, embed_dtype: str, tokens: d
             ArraySpec("topk_val", "float32", (views, topk), NAN, True),  # logits at T=1 (logit scale applied)
             ArraySpec("lse", "float32", (views,), NAN, True),            # log-sum-exp of the full logits at T=1
         ]
+    for i, layer in enumerate((hints or {}).get("layers", [])):
+        specs.append(ArraySpec(hint_array(i), "float16", (views, int(layer["dim"])), NAN, False))
     return {s.name: s for s in specs}
 
 

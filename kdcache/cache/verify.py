@@ -18,6 +18,7 @@ import zarr
 from tqdm import tqdm
 from zarr.core.sync import sync
 
+from kdcache.augment import Policy
 from kdcache.cache import schema
 from kdcache.cache.reader import Cache, open_cache
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit, list_keys
@@ -50,7 +51,7 @@ def unit_specs(cache: Cache, unit: Unit) -> dict[str, schema.ArraySpec]:
     b = cache.attrs["build"]
     if unit.kind == IMAGES:
         return schema.image_arrays(views=b["views"], dim=cache.embed_dim, topk=b["topk"], embed_dtype=b["embed_dtype"],
-                                   tokens=b.get("tokens"), policy=cache.view_policy()[0])
+                                   tokens=b.get("tokens"), policy=cache.view_policy()[0], hints=b.get("hints"))
     return schema.caption_arrays(dim=cache.embed_dim, embed_dtype=b["embed_dtype"], tokens=b.get("tokens"))
 
 
@@ -135,6 +136,10 @@ def _check_unit(cache: Cache, unit: Unit, st: dict, keys: set[str], rep: VerifyR
         rep.problems.append(f"{where}: {int(valid.sum())} valid rows, status says {st['valid']}")
     if "emb" in data:
         _check_stored_embeddings(data["emb"], valid, f"{where}: array {unit.data_path}/emb", rep)
+    for i, _ in enumerate((cache.attrs["build"].get("hints") or {}).get("layers", [])):
+        name = schema.hint_array(i)
+        if name in data:  # pooled features: finite where valid, unwritten (NaN) elsewhere; no norm to check
+            _check_embeddings(data[name], valid, f"{where}: array {unit.data_path}/{name}", rep, tol=math.inf)
     # Rows that hold a caption: valid rows with a paired caption in a shard, every valid row of a caption block.
     if unit.kind == IMAGES and "caption" in data:
         has_cap, tokens_name = valid & (data["caption"] != ""), "caption_tokens"
@@ -208,8 +213,9 @@ def _check_embeddings(emb: np.ndarray, expect: np.ndarray, where: str, rep: Veri
 
 # ---------------------------------------------------------------------------------------------------------- info
 
-def store_bytes(root: zarr.Group) -> int:
-    keys = list_keys(root)
+def store_bytes(root: zarr.Group, keep=lambda key: True) -> int:
+    """Bytes on disk of the store's objects (those whose key `keep` accepts)."""
+    keys = [k for k in list_keys(root) if keep(k)]
 
     async def sizes():
         return [await root.store.getsize(k) for k in keys]
@@ -242,6 +248,11 @@ def info(path: str) -> dict:
         if st:
             rejected.update(st.get("rejected", {}))
     on_disk = store_bytes(cache.root)
+    hint_layers = (a.get("build", {}).get("hints") or {}).get("layers", [])
+    hint_names = {schema.hint_array(i) for i in range(len(hint_layers))}
+    # keys of a hint array's objects: images/{shard}/{hintNN}/...
+    hint_bytes = store_bytes(cache.root, lambda k: k.startswith(f"{IMAGES}/") and k.split("/")[2:3] and
+                             k.split("/")[2] in hint_names) if hint_layers else 0
     raw = raw_bytes(cache)
     n_img = sum(st["valid"] for u in units if u.kind == IMAGES for st in [statuses[u.name]] if st)
     n_cap = sum(st["valid"] for u in units if u.kind == CAPTIONS for st in [statuses[u.name]] if st)
@@ -260,6 +271,9 @@ def info(path: str) -> dict:
         "embed_dim": cache.embed_dim,
         "logit_scale": cache.logit_scale,
         "views": cache.views,
+        "hints": {"layers": hint_layers, "pool": (a["build"].get("hints") or {}).get("pool"),
+                  "bytes_on_disk": hint_bytes} if hint_layers else None,
+        "view_policy": (cache.view_policy()[0] or Policy()).spec(),
         "classes": classes,
         "images": {"shards": len([u for u in units if u.kind == IMAGES]), "samples": n_img,
                    "labelled": s.get("labelled_images"), "with_caption": s.get("paired_captions")},
@@ -291,7 +305,12 @@ def format_info(d: dict) -> str:
         f"std={d['preprocess'].get('std')} {d['preprocess'].get('interpolation')}/{d['preprocess'].get('resize_mode')}",
         f"embed dim   {d['embed_dim']} stored as {(d['build'] or {}).get('embed_dtype')}   logit scale "
         f"{d['logit_scale']:.3f}   views per image {d['views']}",
+        f"views       0 = eval transform; 1..{d['views'] - 1} from --augment {d['view_policy']}",
     ]
+    if d.get("hints"):
+        h = d["hints"]
+        layers = ", ".join(f"{x['name']} ({x['dim']})" for x in h["layers"])
+        lines.append(f"hints       {layers}, pool {h['pool']}: {h['bytes_on_disk'] / 1e6:.2f} MB on disk")
     if d["classes"]:
         c = d["classes"]
         lines.append(f"classes     {c['count']} from {c['source']} ({c['templates']} templates): "

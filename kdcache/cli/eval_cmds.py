@@ -33,7 +33,8 @@ from kdcache.cli.options import CONTEXT
 @options.allow_random_init("Accept a teacher-form model without weights (tests, the quickstart): its numbers are "
                            "meaningless.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Report directory: report.json, report.md, confusion-*.csv.")
+              help="Report directory: report.json, report.md; zeroshot adds per model a confusion-*.csv, a "
+                   "confusion-*.png heatmap and a per-class-*.png (precision/recall/F1 bars).")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Evaluate only the first N usable samples.")
 @click.option("--batch-size", default=64, type=click.IntRange(1), help="Images per forward pass.")
 @options.device("cpu, cuda, cuda:1, ... (evaluation and timing).")
@@ -72,6 +73,9 @@ def eval_cmd(**kw) -> None:
                    f"{m['latency']['ms_per_image_b1']:.2f} ms/img")
     out = Path(cfg.out)
     click.echo(f"report: {out / 'report.md'}  ({out / 'report.json'})")
+    pngs = [out / name for m in report["models"] for name in (m["metrics"].get("plots") or {}).values()]
+    if pngs:
+        click.echo("plots: " + ", ".join(str(p) for p in pngs))
 
 
 @click.command("compare", context_settings=CONTEXT)
@@ -91,14 +95,15 @@ def eval_cmd(**kw) -> None:
 @click.option("--latency-warmup", default=2, type=click.IntRange(0), help="Warm-up calls per model for --remeasure.")
 def compare_cmd(reports: tuple[str, ...], out: str | None, remeasure: bool, device: str, runs: tuple[str, ...],
                 latency_batch: int | None, latency_repeats: int, latency_warmup: int) -> None:
-    """Compare eval reports: one table, teacher first, with ×smaller, ×faster, Δ top-1 and Δ macro-F1, plus plots
-    (training curves, accuracy vs latency) when matplotlib is installed.
+    """Compare eval reports: one table, teacher first, with ×smaller, ×faster, Δ top-1 and Δ macro-F1, plus two
+    PNG plots next to --out (training curves, accuracy vs latency). Rows get short names; the full specs are listed
+    under the table.
 
     \b
     Example:
       kdcache compare reports/seed001 reports/seed002 --out reports/compare.md
     """
-    from kdcache.eval.compare import PLOT_HINT, CompareError, have_matplotlib, write_compare
+    from kdcache.eval.compare import CompareError, write_compare
     from kdcache.eval.models import ModelError
 
     if out is None:
@@ -112,5 +117,3 @@ def compare_cmd(reports: tuple[str, ...], out: str | None, remeasure: bool, devi
     click.echo(text)
     for p in written:
         click.echo(f"wrote {p}")
-    if out != "-" and not have_matplotlib():
-        click.echo(f"no plots: matplotlib is not installed ({PLOT_HINT})")

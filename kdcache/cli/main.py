@@ -57,6 +57,12 @@ def cli(verbose: bool) -> None:
                    "magnitude M, random erasing probability, mixup/cutmix (Beta alpha) with an earlier sample of the "
                    "same shard (window=W, mixprob=P). Stored as compact records; students replay them exactly. "
                    "[default: rrc=0.9-1,flip]")
+@click.option("--hints", multiple=True, metavar="MODULE",
+              help="Cache, per view, the pooled output of this teacher image-tower module (repeatable; `kdcache layers "
+                   "--teacher SPEC` lists them): conv blocks by global average, transformer blocks by --hint-pool. "
+                   "For `kdcache train --loss hint=W --hint-map STUDENT_MODULE=MODULE`.")
+@click.option("--hint-pool", default="cls", type=click.Choice(["cls", "mean"]),
+              help="Pooling of transformer-block hints: the CLS token or the mean of the patch tokens.")
 @options.classes("Class vocabulary for the zero-shot head and top-k logits: cifar10, cifar100, imagenet, or a "
                  "text file with one class per line. Without it no logits are stored.")
 @options.templates("Prompt templates: simple, openai, photo, or a file with one template per line containing {}.")
@@ -99,7 +105,8 @@ def build(**kw) -> None:
         pretrained=kw["pretrained"], allow_random_init=kw["allow_random_init"], views=kw["views"],
         classes=kw["classes"], templates=kw["templates"], topk=kw["topk"], batch_size=kw["batch_size"],
         workers=kw["workers"], threads=kw["threads"], device=kw["device"], precision=kw["precision"],
-        embed_dtype=kw["embed_dtype"], augment=kw["augment"], seed=kw["seed"], limit=kw["limit"],
+        embed_dtype=kw["embed_dtype"], augment=kw["augment"], hints=kw["hints"], hint_pool=kw["hint_pool"],
+        seed=kw["seed"], limit=kw["limit"],
         max_pixels=kw["max_pixels"],
         resume=kw["resume"], overwrite=kw["overwrite"], progress=not kw["no_progress"],
     )
@@ -115,6 +122,38 @@ def build(**kw) -> None:
         click.echo("build finished with failed or missing units (see above); the cache is marked incomplete",
                    err=True)
         sys.exit(1)
+
+
+@cli.command("pack", context_settings=CONTEXT)
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, metavar="PATTERN",
+              help="Shards to write: an integer %-format in the file name, e.g. 'shards/%05d.tar'. The directory must "
+                   "be new or empty; classes.txt (one class per line, index = line number) and pack.json go there too.")
+@click.option("--shard-size", default=10_000, type=click.IntRange(1), help="Images per shard.")
+@click.option("--captions-from-class", default=None, metavar="TEMPLATE",
+              help="Also write a .txt caption per image from its class folder name, e.g. 'a photo of a {}.'.")
+@options.no_progress()
+def pack_cmd(folder: str, out: str, shard_size: int, captions_from_class: str | None, no_progress: bool) -> None:
+    """Pack an image-folder tree FOLDER/CLASS/IMAGE (torchvision ImageFolder, CIFAR-10, ImageNet) into WebDataset
+    shards for `kdcache build`: image bytes unchanged, .cls = index of the sorted class folders, optional .txt.
+
+    \b
+    Example:
+      kdcache pack data/cifar10/train --out shards/cifar10-train-%05d.tar --captions-from-class 'a photo of a {}.'
+      kdcache build --images 'shards/cifar10-train-{00000..00004}.tar' --classes shards/classes.txt ...
+    """
+    from kdcache.shards.pack import PackError, format_summary, pack
+
+    try:
+        result = pack(folder, out=out, shard_size=shard_size, captions_from_class=captions_from_class,
+                      progress=not no_progress)
+    except KeyboardInterrupt:
+        click.echo("interrupted: the output directory holds no finished pack (no pack.json); remove it and rerun",
+                   err=True)
+        sys.exit(130)
+    except PackError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_summary(result))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -154,6 +193,43 @@ def verify(cache: str, no_progress: bool) -> None:
                + ("OK" if rep.ok else f"{len(rep.problems)} problem(s)"))
     if not rep.ok:
         sys.exit(1)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--teacher", default=None, metavar="SPEC", help="A teacher (any --teacher form); weights are not needed.")
+@click.option("--student", default=None, metavar="NAME|CONFIG.json", help="A student (any --student form).")
+@options.pretrained("--pretrained of --teacher (a built-in open_clip name).")
+@click.option("--pool", default="cls", type=click.Choice(["cls", "mean"]),
+              help="How transformer-block outputs are pooled for the 'pooled' column.")
+def layers(teacher: str | None, student: str | None, pretrained: str | None, pool: str) -> None:
+    """List the image tower's hookable modules with their output shapes and pooled widths: the names that
+    `kdcache build --hints` and `kdcache train --hint-map STUDENT_MODULE=TEACHER_MODULE` take."""
+    import torch
+
+    from kdcache.hints import list_layers
+
+    if (teacher is None) == (student is None):
+        raise click.UsageError("give --teacher SPEC or --student SPEC")
+    try:
+        if teacher is not None:
+            from kdcache.teacher import load_teacher
+
+            t = load_teacher(teacher, pretrained=pretrained, allow_random_init=True)
+            model, size = t.model, t.preprocess["size"]
+            x = t.normalize_images(torch.zeros(2, 3, size[0], size[1], dtype=torch.uint8))
+        else:
+            from kdcache.train.students import build_student
+
+            s = build_student(student, tower="image", teacher_dim=1)  # the projection is not listed
+            model, size = s.model, s.preprocess["size"]
+            x = s.normalize_pixels(torch.zeros(2, 3, size[0], size[1], dtype=torch.uint8))
+        rows = list_layers(model, x, mode=pool)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    width = max(len(r["name"]) for r in rows)
+    click.echo(f"{'module':{width}s}  {'type':24s}  {'output shape':22s}  pooled")
+    for r in rows:
+        click.echo(f"{r['name']:{width}s}  {r['type'][:24]:24s}  {str(r['shape']):22s}  {r['pooled']}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -210,6 +286,12 @@ def show(cache: str, key: str, out: str | None, images: tuple[str, ...]) -> None
 @click.option("--val-fraction", default=0.05, type=click.FloatRange(0, 0.5),
               help="Fixed validation split, chosen by key hash.")
 @click.option("--buffer", default=2048, type=click.IntRange(1), help="In-memory shuffle buffer (rows).")
+@click.option("--hint-map", "hint_map", multiple=True, metavar="STUDENT_MODULE=TEACHER_HINT",
+              help="For --loss hint=W (repeatable): which student image-tower module learns which cached teacher hint "
+                   "(built with --hints; `kdcache layers --student/--teacher` lists module paths and widths).")
+@click.option("--hint-adapter", default="linear", type=click.Choice(["linear", "none"]),
+              help="A learned linear map from each student feature to its teacher hint's width (training only, never "
+                   "exported), or none (the widths must match).")
 @click.option("--views-per-sample", default=1, type=click.IntRange(1),
               help="Image tower: each decoded picture gives M of its cached views to the same batch (repeated "
                    "augmentation; decoding is shared). --batch-size counts views and must be a multiple of M.")
@@ -217,6 +299,10 @@ def show(cache: str, key: str, out: str | None, images: tuple[str, ...]) -> None
               "each epoch end).")
 @click.option("--allow-incomplete", is_flag=True, help="Train on a cache whose build has failed or missing shards.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--report-to", default="none", metavar="TRACKERS",
+              help="Also log every metrics row (losses, lr, grad norm, samples/s, validation) to tensorboard "
+                   "(RUN/tensorboard/), wandb (RUN/wandb/; pip install 'kdcache[wandb]'), all, or none; a comma list "
+                   "such as tensorboard,wandb works too. metrics.jsonl/csv are written either way.")
 @click.option("--online-teacher", default=None, metavar="SPEC",
               help="Online KD baseline: run this teacher (any --teacher form) live on every batch instead of reading "
                    "its outputs from the cache; same student, losses, views and schedule. Slow by design.")
@@ -237,18 +323,28 @@ def train(**kw) -> None:
     from kdcache.cache.reader import CacheError
     from kdcache.train.config import TrainConfig, TrainError
     from kdcache.train.dataspec import DataError
+    from kdcache.train.hinting import parse_hint_map
     from kdcache.train.loop import run
     from kdcache.train.losses import parse_loss_args
+    from kdcache.train.tracking import parse_report_to
 
     try:
         losses = tuple(parse_loss_args(kw.pop("losses")).items())
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--loss") from None
+    try:
+        kw["report_to"] = parse_report_to(kw["report_to"])
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     kw["progress"] = not kw.pop("no_progress")
     online = {"teacher": kw.pop("online_teacher"), "pretrained": kw.pop("online_pretrained"),
               "allow_random_init": kw.pop("online_allow_random_init")}
     if online["teacher"] is None and (online["pretrained"] is not None or online["allow_random_init"]):
         raise click.UsageError("--online-pretrained and --online-allow-random-init need --online-teacher")
+    try:
+        kw["hint_map"] = parse_hint_map(kw["hint_map"])
+    except TrainError as e:
+        raise click.BadParameter(str(e), param_hint="--hint-map") from None
     cfg = TrainConfig(losses=losses, **kw)
     # Every kdcache error a user can cause is a ValueError subclass (TrainError, CacheError, DataError, StudentError,
     # TeacherError, unknown or misapplied losses): shown as a message, not a traceback.

@@ -6,8 +6,10 @@
 A model that appears in several reports (typically the teacher) is one row. Ratios against the teacher use timings
 taken in the same process (same report) when there is one; otherwise they compare numbers from separate runs and are
 marked with a dagger, since a busy machine or another device makes such ratios meaningless — `--remeasure` reloads
-every model and times them all side by side. Plots (matplotlib, the optional `plot` extra): training curves of the runs
-behind the reports and accuracy vs. latency, written next to the Markdown file.
+every model and times them all side by side. Rows are named short (a directory's or config's name, an open_clip name;
+`kdcache.eval.report.short_names`) and the full specs are listed under the table. A teacher with random weights is
+marked RANDOM and no Δ against it is shown. With `--out`, two PNGs go next to the Markdown file: training curves of
+the runs behind the reports, and accuracy vs. latency (`kdcache.eval.plots`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdcache.eval.report import REPORT_JSON, fmt_number, md_table
+from kdcache.eval import plots
+from kdcache.eval.report import REPORT_JSON, fmt_number, md_table, short_names
 from kdcache.eval.tasks import TASKS, Task, get_task
 
-PLOT_HINT = "pip install 'kdcache[plot]'  (or: pip install matplotlib)"
 DAGGER = "†"
+RANDOM = "RANDOM"
 
 
 class CompareError(ValueError):
@@ -90,12 +93,31 @@ def _collect_rows(reports: Sequence[dict], dirs: Sequence[str]) -> tuple[list[_R
                 r.report, r.report_dir = reports[i], dirs[i]
                 r.model = next(m for m in reports[i]["models"] if model_key(m) == r.key)
     ordered = sorted(rows.values(), key=lambda r: r is not teacher)
-    labels = [r.model["label"] for r in ordered]
-    for r in ordered:
-        r.label = r.model["label"] if labels.count(r.model["label"]) == 1 else \
-            f"{r.model['label']} [{Path(r.report_dir).name}]"
+    names = short_names([r.model for r in ordered], contexts=[Path(r.report_dir).name for r in ordered])
+    for r, name in zip(ordered, names, strict=True):
+        r.label = name
         r.latency = dict(r.model["latency"])
     return ordered, teacher, notes
+
+
+def is_random_init(m: dict) -> bool:
+    """Whether a report entry is a teacher-form model built with random weights (its identity says so)."""
+    return bool(((m.get("provenance") or {}).get("identity") or {}).get("random_init"))
+
+
+def _model_list(rows: Sequence[_Row], teacher: _Row | None) -> list[str]:
+    """The full spec behind each short row name, for the lines under the table."""
+    out = []
+    for r in rows:
+        m = r.model
+        reload = m.get("reload") or {}
+        spec = reload.get("spec") or m["spec"]
+        extra = [f"--pretrained {reload['pretrained']}"] if reload.get("pretrained") else []
+        if is_random_init(m):
+            extra.append("random weights")
+        role = "teacher, " if r is teacher else ""
+        out.append(f"`{r.label}`: {role}{m['kind']} `{spec}`" + (f" ({', '.join(extra)})" if extra else ""))
+    return out
 
 
 def _check_data(reports: Sequence[dict], dirs: Sequence[str]) -> list[str]:
@@ -142,26 +164,31 @@ def _remeasure(rows: Sequence[_Row], *, device: str, batch: int, repeats: int, w
 
 
 def build_table(rows: Sequence[_Row], teacher: _Row | None, task: Task, *, remeasured: bool) -> tuple[str, list[str]]:
-    """The comparison table and its footnotes; the task gives the metric and Δ columns and which parameters count."""
+    """The comparison table and its footnotes; the task gives the metric and Δ columns and which parameters count.
+    Against a teacher with random weights, accuracy differences say nothing: its row is marked RANDOM and the Δ
+    columns are left out (size and speed ratios still hold)."""
     batches = {r.latency.get("batch") for r in rows}
     b_hdr = f"img/s (batch {next(iter(batches))})" if len(batches) == 1 else "img/s (batch)"
+    random_teacher = teacher is not None and is_random_init(teacher.model)
+    deltas_shown = not random_teacher
     header = ["model", *(h for h, _ in task.metric_columns)]
     header += ["agree top-1", "cosine", "KL", "params", "MB", "ms/img", b_hdr, "×smaller", "×faster"]
-    header += [h for h, _ in task.delta_columns]
+    header += [h for h, _ in task.delta_columns] if deltas_shown else []
     t_ms = teacher.latency.get("ms_per_image_b1") if teacher else None
     separate: list[str] = []
     out_rows = []
     for r in rows:
         m, met, ag = r.model, r.model["metrics"], r.model.get("agreement") or {}
         cells = [met[key] for _, key in task.metric_columns]
-        name = f"**{r.label}** (teacher)" if r is teacher else r.label
+        name = (f"**{r.label}** (teacher, {RANDOM})" if random_teacher else f"**{r.label}** (teacher)") \
+            if r is teacher else r.label
         row = [name, *(_f(c, pct=True) for c in cells), _f(ag.get("top1_agreement"), pct=True),
                _f(ag.get("cosine"), digits=3), _f(ag.get("kl"), digits=3), _f(m[task.params_key]),
                _f(m["size_mb"]), _f(r.latency.get("ms_per_image_b1")),
                _f(r.latency.get("images_per_s"), digits=1) + ("" if len(batches) == 1 else
                                                              f" (b{r.latency.get('batch')})")]
         if teacher is None or r is teacher:
-            row += ["–"] * 4
+            row += ["–"] * (2 + (len(task.delta_columns) if deltas_shown else 0))
         else:
             tm = teacher.model
             smaller = _ratio(tm[task.params_key], m[task.params_key])
@@ -177,104 +204,24 @@ def build_table(rows: Sequence[_Row], teacher: _Row | None, task: Task, *, remea
             if not same:
                 separate.append(f"{r.label} ({Path(r.report_dir).name}, {r.report['timing']['device']}) vs teacher "
                                 f"({Path(teacher.report_dir).name}, {teacher.report['timing']['device']})")
-            tmet = tm["metrics"]
-            deltas = [met[key] - tmet[key] for _, key in task.delta_columns]
-            row += [_f(smaller, digits=1, suffix="×"), _f(faster, digits=2, suffix="×") + mark,
-                    *(_signed(d) for d in deltas)]
+            row += [_f(smaller, digits=1, suffix="×"), _f(faster, digits=2, suffix="×") + mark]
+            if deltas_shown:
+                row += [_signed(met[key] - tm["metrics"][key]) for _, key in task.delta_columns]
         out_rows.append(row)
     notes = []
+    if random_teacher:
+        notes.append(f"The teacher, {teacher.label}, has {RANDOM} weights (random init): its scores are chance, not a "
+                     "reference, so no Δ against it is shown and no model here can be said to beat it. The agreement, "
+                     "size and speed columns still hold.")
     if separate:
         notes.append(f"{DAGGER} timed in separate runs, not side by side, so the speed ratio is not trustworthy "
                      f"({'; '.join(separate)}); `kdcache compare --remeasure` re-times every model in one process.")
-    notes.append(f"Metrics and Δ in %, Δ in percentage points vs the teacher. params = {task.params_what} parameters; "
+    notes.append(("Metrics and Δ in %, Δ in percentage points vs the teacher. " if deltas_shown else "Metrics in %. ")
+                 + f"params = {task.params_what} parameters; "
                  f"×smaller = teacher params / model params{task.params_note}; ×faster = teacher ms/img / model ms/img "
                  "at batch 1. MB = checkpoint file(s) on disk. "
                  "Agreement columns are against each report's reference (see the reports).")
     return md_table(header, out_rows), notes
-
-
-# ----------------------------------------------------------------------------------------------------------- plots
-
-def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _read_metrics(run_dir: str) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
-def plot_training(runs: dict[str, str], path: Path) -> bool:
-    """Training loss and validation agreement/cosine against step, one colour per run. False if nothing to plot."""
-    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
-
-    data = {label: _read_metrics(d) for label, d in runs.items()}
-    data = {k: v for k, v in data.items() if v}
-    if not data:
-        return False
-    fig = Figure(figsize=(12, 4.2), layout="constrained")
-    ax_loss, ax_val = fig.subplots(1, 2)
-    for i, (label, rows) in enumerate(data.items()):
-        colour = f"C{i % 10}"
-        train = [r for r in rows if r.get("kind") == "train"]
-        val = [r for r in rows if r.get("kind") == "val"]
-        if train:
-            steps = [r["step"] for r in train]
-            ax_loss.plot(steps, [r["loss"] for r in train], color=colour, label=f"{label}: loss")
-            for term in sorted({k for r in train for k in r if k.endswith("_loss")}):
-                ax_loss.plot(steps, [r.get(term) for r in train], color=colour, alpha=0.45, linewidth=0.8,
-                             linestyle="--", label=f"{label}: {term}")
-        if val:
-            steps = [r["step"] for r in val]
-            if any("val_top1_agreement" in r for r in val):
-                ax_val.plot(steps, [r.get("val_top1_agreement") for r in val], color=colour, marker="o",
-                            label=f"{label}: top-1 agreement")
-            ax_val.plot(steps, [r.get("val_cosine") for r in val], color=colour, marker="s", linestyle="--",
-                        label=f"{label}: cosine")
-    ax_loss.set(xlabel="step", ylabel="training loss", title="Training losses")
-    ax_val.set(xlabel="step", ylabel="agreement with the teacher", title="Validation (cache's held-out rows)")
-    for ax in (ax_loss, ax_val):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120)
-    return True
-
-
-def plot_accuracy_latency(rows: Sequence[_Row], teacher: _Row | None, task: Task, path: Path) -> bool:
-    """One point per model: the task's headline (top-1, or mean R@1 for retrieval) against ms per image at batch 1."""
-    from matplotlib.figure import Figure
-
-    pts = []
-    for r in rows:
-        y = task.headline(r.model["metrics"])
-        x = r.latency.get("ms_per_image_b1")
-        if x:
-            pts.append((r, x, 100 * y))
-    if not pts:
-        return False
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
-    ax = fig.subplots()
-    for r, x, y in pts:
-        ax.scatter([x], [y], marker="*" if r is teacher else "o", s=160 if r is teacher else 50,
-                   color="C3" if r is teacher else "C0", zorder=3)
-        ax.annotate(r.label + (" (teacher)" if r is teacher else ""), (x, y), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
-    xs = [x for _, x, _ in pts]
-    if max(xs) / min(xs) > 10:
-        ax.set_xscale("log")
-    ax.margins(x=0.2, y=0.1)  # room for the labels written right of each point
-    ax.set(xlabel="ms per image (batch 1)", ylabel=task.headline_label,
-           title="Accuracy vs latency")
-    ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=120)
-    return True
 
 
 # --------------------------------------------------------------------------------------------------------- compare
@@ -290,9 +237,30 @@ def compare(report_dirs: Sequence[str], *, out: str | None = None, remeasure: bo
                                   latency_warmup=latency_warmup)
     for p in written:
         print(f"wrote {p}")
-    if out is not None and not have_matplotlib():
-        print(f"no plots: matplotlib is not installed ({PLOT_HINT})")
     return text
+
+
+def _run_dirs(rows: Sequence[_Row], runs: Sequence[str]) -> dict[str, str]:
+    """Legend name -> run directory: the runs among the models (by their row name), then `runs` (by directory name,
+    made unique the same way)."""
+    out = {r.label: r.model["provenance"]["run"] for r in rows if r.model["kind"] == "run"}
+    known = {str(Path(d).resolve()) for d in out.values()}
+    extra = [str(d) for d in runs if str(Path(d).resolve()) not in known]
+    for name, d in zip(short_names([{"spec": str(Path(d).resolve()), "kind": "run"} for d in extra]), extra,
+                       strict=True):
+        out[name if name not in out else f"{name} (--run)"] = d
+    return out
+
+
+def _points(rows: Sequence[_Row], teacher: _Row | None, task: Task) -> list[plots.Point]:
+    out = []
+    for r in rows:
+        note = ""
+        if r is teacher:
+            note = f"(teacher, {RANDOM})" if is_random_init(r.model) else "(teacher)"
+        out.append(plots.Point(r.label, r.latency.get("ms_per_image_b1"), 100 * task.headline(r.model["metrics"]),
+                               teacher=r is teacher, note=note))
+    return out
 
 
 def write_compare(report_dirs: Sequence[str], *, out: str | None = None, remeasure: bool = False,
@@ -324,31 +292,26 @@ def write_compare(report_dirs: Sequence[str], *, out: str | None = None, remeasu
     if timing is not None:
         lines.append(f"- **re-measured**: all {len(rows)} models timed side by side in one process on "
                      f"{timing['device']} ({timing['warmup']} warm-up + {timing['repeats']} calls, medians)")
-    lines += ["", table, "", *(f"- {n}" for n in table_notes + notes), ""]
+    lines += ["", table, "", "Models:", "", *(f"- {x}" for x in _model_list(rows, teacher)), "", "Notes:", "",
+              *(f"- {n}" for n in table_notes + notes), ""]
 
     written: list[Path] = []
     if out is not None:
         out_path = Path(out)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         lines += ["## Plots", ""]
-        if have_matplotlib():
-            run_dirs = {r.label: r.model["provenance"]["run"] for r in rows if r.model["kind"] == "run"}
-            for extra in runs:
-                run_dirs.setdefault(Path(extra).name, str(extra))
-            stem = out_path.with_suffix("")
-            curves = Path(f"{stem}-training.png")
-            acc = Path(f"{stem}-accuracy-latency.png")
-            if plot_training(run_dirs, curves):
-                written.append(curves)
-                lines.append(f"![training curves]({curves.name})")
-            else:
-                lines.append("No training curves: no training run among the models (exports do not record their "
-                             "run; pass it with --run RUN).")
-            if plot_accuracy_latency(rows, teacher, task, acc):
-                written.append(acc)
-                lines.append(f"![accuracy vs latency]({acc.name})")
+        stem = out_path.with_suffix("")
+        curves = Path(f"{stem}-training.png")
+        acc = Path(f"{stem}-accuracy-latency.png")
+        if plots.plot_training(_run_dirs(rows, runs), curves):
+            written.append(curves)
+            lines.append(f"![training curves]({curves.name})")
         else:
-            lines.append(f"Plots not written: matplotlib is not installed. `{PLOT_HINT}` and rerun compare.")
+            lines.append("No training curves: no training run among the models (exports do not record their "
+                         "run; pass it with --run RUN).")
+        if plots.plot_accuracy_latency(_points(rows, teacher, task), acc, ylabel=task.headline_label):
+            written.append(acc)
+            lines.append(f"![accuracy vs latency]({acc.name})")
         lines.append("")
     text = "\n".join(lines)
     if out is not None:

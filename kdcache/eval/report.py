@@ -11,6 +11,7 @@ details.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -54,6 +55,57 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | 
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _spec_parts(m: dict) -> list[str]:
+    """The components of a report entry's spec, most specific last: a path's parts, an hf-hub repo's parts, or the
+    open_clip name alone."""
+    spec = ((m.get("reload") or {}).get("spec") or m["spec"]).rstrip("/")
+    for prefix in ("local-dir:", "hf-hub:"):
+        spec = spec.removeprefix(prefix)
+    parts = [x for x in spec.replace("\\", "/").split("/") if x]
+    if parts and parts[-1].lower().endswith(".json"):
+        parts[-1] = parts[-1][:-5]
+    return parts or [m["spec"]]
+
+
+def short_name(m: dict, *, depth: int = 1) -> str:
+    """A report entry's short name: its directory's name (export, run, local-dir), its config file's stem, or its
+    open_clip name, plus its --pretrained file or tag; `depth` > 1 keeps that many trailing path components, to tell
+    apart models whose last components are equal."""
+    name = "/".join(_spec_parts(m)[-depth:])
+    pretrained = (m.get("reload") or {}).get("pretrained")
+    return f"{name} ({Path(pretrained).name})" if pretrained else name
+
+
+def short_names(models: Sequence[dict], *, contexts: Sequence[str] | None = None) -> list[str]:
+    """Unique short names for these report entries: `short_name`, with more of the path where two are equal, then the
+    entry's context (e.g. its report directory's name) in brackets, then a #n counter."""
+    depth = [1] * len(models)
+    deepest = [len(_spec_parts(m)) for m in models]
+    full = [short_name(m, depth=d) for m, d in zip(models, deepest, strict=True)]
+
+    def names() -> list[str]:
+        return [short_name(m, depth=d) for m, d in zip(models, depth, strict=True)]
+
+    while True:
+        cur = names()
+        # More of the path only where it can help: a name shared with a model from another path.
+        grow = [i for i, n in enumerate(cur) if depth[i] < deepest[i]
+                and any(j != i and x == n and full[j] != full[i] for j, x in enumerate(cur))]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    cur = names()
+    if contexts is not None:
+        cur = [f"{n} [{c}]" if cur.count(n) > 1 else n for n, c in zip(cur, contexts, strict=True)]
+    seen: dict[str, int] = {}
+    out = []
+    for n in cur:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if cur.count(n) == 1 else f"{n} #{seen[n]}")
+    return out
 
 
 def model_name(m: dict) -> str:

@@ -6,7 +6,9 @@
         --task zeroshot --classes /tmp/qs/data/classes.txt --cache /tmp/qs/cache.zarr --out /tmp/qs/report  # tiny CPU
 
 Every model sees the same samples, each through its own eval preprocessing. The report directory gets
-`report.json` (everything, machine-readable), `report.md` (the tables) and one `confusion-*.csv` per model.
+`report.json` (everything, machine-readable), `report.md` (the tables), and per model for zeroshot a
+`confusion-*.csv`, a confusion-matrix heatmap `confusion-*.png` and per-class precision/recall/F1 bars
+`per-class-*.png` (`kdcache.eval.plots`), which report.md links.
 
 This module is the orchestration: load the models, pick the teacher, one data pass (`kdcache.eval.data`), agreement
 with the teacher or the cache, timing (`kdcache.eval.latency`), the report files. What differs between --task values

@@ -24,7 +24,8 @@ import torch
 from kdcache.eval import metrics as M
 from kdcache.eval.config import EvalConfig, EvalError
 from kdcache.eval.models import EvalModel, ModelError
-from kdcache.eval.report import fmt_number, md_table, model_name
+from kdcache.eval.plots import plot_confusion, plot_per_class
+from kdcache.eval.report import fmt_number, md_table, model_name, short_name
 
 if TYPE_CHECKING:
     from kdcache.cache.reader import Cache
@@ -183,12 +184,17 @@ class ZeroShot(Task):
         n_classes = len(self.classes)
         rep = M.classification_report(logits.argmax(1), labels, num_classes=n_classes)
         cm = rep.pop("confusion")
-        csv_name = f"confusion-{index}-{_slug(model.label)}.csv"
+        stem = f"{index}-{_slug(model.label)}"
+        csv_name = f"confusion-{stem}.csv"
         _write_confusion(out_dir / csv_name, cm, self.classes)
+        plots = {"confusion": f"confusion-{stem}.png", "per_class": f"per-class-{stem}.png"}
+        title = short_name(model.describe())
+        plot_confusion(cm, self.classes, out_dir / plots["confusion"], title=title)
+        plot_per_class(rep["per_class"], self.classes, out_dir / plots["per_class"], title=title)
         metrics = {"top1": M.topk_accuracy(logits, labels, k=1),
                    "top5": M.topk_accuracy(logits, labels, k=5) if n_classes > 5 else None,
                    **rep, "confusion": cm.tolist() if n_classes <= CONFUSION_INLINE else None,
-                   "confusion_csv": csv_name}
+                   "confusion_csv": csv_name, "plots": plots}
         return {"image_emb": img, "logits": logits}, metrics
 
     def add_cache_reference(self, ref: dict, cache: Cache, arrays: dict[str, list[np.ndarray]]) -> str:
@@ -223,6 +229,9 @@ class ZeroShot(Task):
                      fmt_number(pc["recall"][i], pct=True), fmt_number(pc["f1"][i], pct=True)]
                     for i, n in enumerate(names)]
             out += [f"### {m['label']}", "", md_table(["class", "support", "precision", "recall", "F1"], rows), ""]
+            png = m["metrics"].get("plots", {}).get("per_class")
+            if png:
+                out += [f"![per-class precision, recall and F1: {m['label']}]({png})", ""]
         out += ["## Confusion matrices (rows: true class, columns: predicted)", ""]
         for m in models:
             cm = m["metrics"]["confusion"]
@@ -230,6 +239,9 @@ class ZeroShot(Task):
             if isinstance(cm, list):  # None: too many classes to print; the CSV has it
                 rows = [[n, *map(str, r)] for n, r in zip(names, cm, strict=True)]
                 out += [md_table(["true \\ pred", *names], rows), ""]
+            png = m["metrics"].get("plots", {}).get("confusion")
+            if png:
+                out += [f"![confusion matrix: {m['label']}]({png})", ""]
             out += [f"CSV: `{m['metrics']['confusion_csv']}`", ""]
         return out
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from kdcache.cache.reader import Cache
 from kdcache.cache.schema import CAP_LOGITS
+from kdcache.hints import HintError, HintHooks
 from kdcache.teacher import Teacher, load_teacher, teacher_mismatch
 from kdcache.train.config import TrainConfig, TrainError, TrainResult
 from kdcache.train.loop import LiveTeacher, run
@@ -42,6 +43,7 @@ class OnlineTargets:
         self.tower: str | None = None
         self.pairs = False
         self.device = teacher.device
+        self.hooks: HintHooks | None = None
 
     def describe(self) -> dict:
         t = self.teacher
@@ -49,7 +51,8 @@ class OnlineTargets:
         return {**ident, "embed_dim": t.embed_dim, "precision": t.precision,
                 "preprocess": {k: t.preprocess.get(k) for k in _PREPROCESS_KEYS}}
 
-    def prepare(self, cache: Cache, *, tower: str, needs: tuple[str, ...], device: torch.device) -> LiveTeacher:
+    def prepare(self, cache: Cache, *, tower: str, needs: tuple[str, ...], device: torch.device,
+                hints: tuple[str, ...] = (), hint_pool: str = "cls") -> LiveTeacher:
         if torch.device(device) != self.teacher.device:
             raise TrainError(f"the online teacher is on {self.teacher.device} but training runs on {device}")
         self.pairs = "pairs" in needs
@@ -74,8 +77,17 @@ class OnlineTargets:
         loader: dict = {"return_texts": True} if tower == "text" or self.pairs else {}
         if tower == "image":
             loader["teacher_preprocess"] = self.teacher.preprocess
+        hint_dims = {}
+        if hints:  # the same pooled module outputs `kdcache build --hints` caches, from the live teacher
+            try:
+                self.hooks = HintHooks(self.teacher.model, hints, mode=hint_pool).__enter__()
+            except HintError as e:
+                raise TrainError(f"--hint-map: {e}") from None
+            h, w = self.teacher.preprocess["size"]
+            self.encode_images(torch.zeros(1, 3, h, w, dtype=torch.uint8))
+            hint_dims = {n: int(f.shape[-1]) for n, f in self.hooks.take().items()}
         return LiveTeacher(embed_dim=self.teacher.embed_dim, logit_scale=self.teacher.logit_scale, head=head,
-                           loader=loader, identity=dict(self.teacher.identity))
+                           loader=loader, identity=dict(self.teacher.identity), hint_dims=hint_dims)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -101,6 +113,8 @@ class OnlineTargets:
                 raise TrainError("image batches lack teacher_pixels: the loader was not given the teacher's "
                                  "preprocessing (teacher_preprocess)")
             batch["teacher"] = self.encode_images(batch.pop("teacher_pixels"))
+            if self.hooks is not None:
+                batch.update({f"hint:{n}": f for n, f in self.hooks.take().items()})
         else:
             batch["teacher"] = self.encode_texts(batch.pop("texts"))
         if self.pairs:  # image tower only (prepare refuses text + pairs): teacher text embedding of each caption

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 # Settings that do not change the result: a --resume may change them.
-NON_IDENTITY = ("resume", "progress", "workers", "out", "images", "checkpoint_every", "allow_incomplete")
+NON_IDENTITY = ("resume", "progress", "workers", "out", "images", "checkpoint_every", "allow_incomplete",
+                "report_to")
 
 
 class TrainError(ValueError):
@@ -38,10 +39,13 @@ class TrainConfig:
     val_fraction: float = 0.05
     buffer: int = 2048
     views_per_sample: int = 1                      # image tower: M cached views of each decoded picture per batch
+    hint_map: tuple[tuple[str, str], ...] = ()     # (student module, teacher hint) pairs of the `hint` loss
+    hint_adapter: str = "linear"                   # linear | none (kdcache.train.students.HINT_ADAPTERS)
     checkpoint_every: int = 200
     allow_incomplete: bool = False
     resume: bool = False
     progress: bool = True
+    report_to: tuple[str, ...] = ()                # trackers besides metrics.jsonl/csv: tensorboard, wandb
 
 
 @dataclass
@@ -53,10 +57,13 @@ class TrainResult:
 
 
 # Settings added after runs existed, left out of the identity at their default so those runs still resume.
-_ADDED_DEFAULTS = {"views_per_sample": 1}
+_ADDED_DEFAULTS = {"views_per_sample": 1, "hint_map": (), "hint_adapter": "linear"}
 
 
 def identity(cfg: TrainConfig) -> dict:
     """The settings that determine a run's weights: a --resume must not change them."""
-    return {k: v for k, v in asdict(cfg).items()
-            if k not in NON_IDENTITY and not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
+    out = {k: v for k, v in asdict(cfg).items()
+           if k not in NON_IDENTITY and not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
+    if "hint_map" in out:  # as config.json holds it, so a --resume compares equal
+        out["hint_map"] = [list(pair) for pair in out["hint_map"]]
+    return out

@@ -28,6 +28,7 @@ class DataSpec:
     images: tuple[str, ...] = ()   # override of the shard locations: same count and order as the cache's inputs
     allow_incomplete: bool = False
     views_per_sample: int = 1      # image tower, training: M cached views of each decoded picture in the same batch
+    hints: tuple[str, ...] = ()    # image tower: cached teacher hints (module paths) each batch carries as "hint:NAME"
 
     def __post_init__(self) -> None:
         if self.tower not in TOWERS:

@@ -6,7 +6,8 @@
 One readable loop: AdamW, linear warmup + cosine decay, gradient clipping and accumulation, autocast only on CUDA.
 Data order is a pure function of (seed, epoch, step), so a run killed at any moment and resumed with `--resume` ends
 with the same weights as an uninterrupted one. The run directory holds the resolved config, the cache fingerprint,
-metrics (JSONL + CSV), atomic checkpoints, and `done.json`, written last.
+metrics (JSONL + CSV; also sent to TensorBoard/W&B with --report-to, see tracking.py), atomic checkpoints, and
+`done.json`, written last.
 
 The run directory's layout and its readers and writers live in kdcache/train/rundir.py.
 
@@ -34,10 +35,11 @@ from kdcache import __version__
 from kdcache.cache import schema
 from kdcache.cache.reader import Cache, open_cache
 from kdcache.precision import autocast, resolve_device
-from kdcache.train import rundir
+from kdcache.train import rundir, tracking
 from kdcache.train.config import TrainConfig, TrainError, TrainResult, identity
 from kdcache.train.data import count_rows
 from kdcache.train.dataspec import DataSpec
+from kdcache.train.hinting import StudentHints
 from kdcache.train.loader import EpochLoader
 from kdcache.train.losses import LossInputs, WeightedLoss, default_losses
 from kdcache.train.students import Student, build_student
@@ -55,14 +57,16 @@ class LiveTeacher:
     head: torch.Tensor | None             # [C, D] zero-shot head on the training device, None when no logits
     loader: dict = field(default_factory=dict)  # extra make_loader keywords (teacher_preprocess, return_texts)
     identity: dict = field(default_factory=dict)  # the teacher the student learns from (config.json "teacher")
+    hint_dims: dict = field(default_factory=dict)  # width of each live teacher hint (the `hint` loss), by module
 
 
 class Targets(Protocol):
     """Teacher outputs computed during training instead of read from the cache (implemented in kdcache/online)."""
 
-    def prepare(self, cache: Cache, *, tower: str, needs: tuple[str, ...], device: torch.device) -> LiveTeacher:
+    def prepare(self, cache: Cache, *, tower: str, needs: tuple[str, ...], device: torch.device,
+                hints: tuple[str, ...] = (), hint_pool: str = "cls") -> LiveTeacher:
         """Check that these targets can serve `tower` and the losses' `needs` (raise TrainError naming what is
-        missing), and say what the loop and the loader need."""
+        missing), and say what the loop and the loader need; with `hints`, batches also get "hint:NAME"."""
 
     def __call__(self, batch: dict) -> dict:
         """The batch with "teacher" (and "other"/"has_other" where a loss needs pairs, else removed) replaced by live
@@ -83,27 +87,33 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def check_requirements(cache, tower: str, loss: WeightedLoss) -> None:
-    """Refuse, before step 1, a tower or loss the cache has no data for — naming the loss and what is missing."""
+def check_requirements(cache, tower: str, loss: WeightedLoss, *, online: bool = False) -> None:
+    """Refuse, before step 1, a tower or loss the cache has no data for — naming the loss and what is missing (online,
+    hints come from the live teacher)."""
     caps = set(cache.capabilities)
     if tower == "image" and schema.CAP_IMAGES not in caps:
         raise TrainError(f"--tower image needs image rows; the cache has capabilities {sorted(caps)}")
     if tower == "text" and not caps & {schema.CAP_CAPTIONS, schema.CAP_PAIRED}:
         raise TrainError(f"--tower text needs captions (a caption corpus or paired captions); the cache has "
                          f"{sorted(caps)}")
-    need_cap = {"logits": schema.CAP_LOGITS, "labels": schema.CAP_LABELS, "pairs": schema.CAP_PAIRED}
+    need_cap = {"logits": schema.CAP_LOGITS, "labels": schema.CAP_LABELS, "pairs": schema.CAP_PAIRED,
+                "hints": schema.CAP_HINTS}
     for name in loss.names:
         for need in loss.needs_of(name):
+            if need == "hints" and online:
+                continue
             if need_cap[need] not in caps:
                 raise TrainError(f"loss '{name}' needs {need} but the cache lacks capability '{need_cap[need]}' "
                                  f"(it has {sorted(caps)}); rebuild with "
                                  + {"logits": "--classes", "labels": "labelled shards (.cls)",
-                                    "pairs": "captioned shards (.txt/.json)"}[need])
+                                    "pairs": "captioned shards (.txt/.json)", "hints": "--hints MODULE"}[need])
 
 
-def _to_inputs(batch: dict, s_emb: torch.Tensor, head, scale: float, temperature: float, device) -> LossInputs:
+def _to_inputs(batch: dict, s_emb: torch.Tensor, head, scale: float, temperature: float, device,
+               hints: StudentHints | None = None) -> LossInputs:
     other = batch.get("other")
     return LossInputs(
+        hints=None if hints is None else hints.pairs(batch, device),
         student=s_emb.float(), teacher=batch["teacher"].to(device, non_blocking=True), head=head,
         logit_scale=scale, temperature=temperature, labels=batch["labels"].to(device, non_blocking=True),
         other=None if other is None else other.to(device, non_blocking=True),
@@ -119,7 +129,7 @@ def _student_input(student: Student, batch: dict, device) -> torch.Tensor:
 
 @torch.no_grad()
 def validate(student: Student, loss_fn: WeightedLoss, loader, *, head, scale: float, temperature: float, device,
-             precision: str, targets: Targets | None = None) -> dict:
+             precision: str, targets: Targets | None = None, hints: StudentHints | None = None) -> dict:
     """Mean cosine to the teacher, top-1 agreement with the teacher's class prediction, and the losses."""
     student.eval()
     n, cos_sum, agree, sums = 0, 0.0, 0, {}
@@ -128,7 +138,7 @@ def validate(student: Student, loss_fn: WeightedLoss, loader, *, head, scale: fl
             batch = targets(batch)
         with autocast(device, precision):
             s = student(_student_input(student, batch, device))
-        x = _to_inputs(batch, s, head, scale, temperature, device)
+        x = _to_inputs(batch, s, head, scale, temperature, device, hints)
         b = x.student.shape[0]
         cos_sum += torch.nn.functional.cosine_similarity(x.student, x.teacher, dim=-1).sum().item()
         if head is not None:
@@ -153,6 +163,7 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
         raise TrainError("--tower must be image or text")
     if cfg.epochs is not None and cfg.max_steps is not None:
         raise TrainError("give --epochs or --max-steps, not both")
+    tracking.check_installed(cfg.report_to)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, precision = resolve_device(cfg.device, cfg.precision, error=TrainError, who="the student")
@@ -162,8 +173,15 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
     weights = dict(cfg.losses) or default_losses(cfg.tower, set(cache.capabilities),
                                                  schema.CAP_LABELS in cache.capabilities)
     loss_fn = WeightedLoss(weights, cfg.tower)
-    check_requirements(cache, cfg.tower, loss_fn)
-    live = None if targets is None else targets.prepare(cache, tower=cfg.tower, needs=loss_fn.needs, device=device)
+    check_requirements(cache, cfg.tower, loss_fn, online=targets is not None)
+    if ("hint" in loss_fn.names) != bool(cfg.hint_map):
+        raise TrainError("--loss hint=W and --hint-map STUDENT_MODULE=TEACHER_HINT go together (the map says which "
+                         "student module learns which teacher hint; `kdcache layers` lists both sides)")
+    cached_hints = cache.attrs["build"].get("hints") or {}
+    hint_pool = cached_hints.get("pool", "cls")
+    teacher_hints = tuple(dict.fromkeys(t for _, t in cfg.hint_map))
+    live = None if targets is None else targets.prepare(cache, tower=cfg.tower, needs=loss_fn.needs, device=device,
+                                                        hints=teacher_hints, hint_pool=hint_pool)
 
     resolved = {**identity(cfg), "losses": weights, "loss_formula": loss_fn.formula, "precision": precision,
                 "threads": torch.get_num_threads()}
@@ -178,6 +196,13 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
     embed_dim = cache.embed_dim if live is None else live.embed_dim
     student = build_student(cfg.student, tower=cfg.tower, teacher_dim=embed_dim,
                             pretrained=cfg.student_pretrained, seed=cfg.seed).to(device)
+    hints = None
+    if cfg.hint_map:  # adapters join the student before the optimizer and a checkpoint restore see its parameters
+        dims = (live.hint_dims if live is not None else
+                {x["name"]: int(x["dim"]) for x in cached_hints.get("layers", [])})
+        hints = StudentHints(student, cfg.hint_map, teacher_dims=dims, pool=hint_pool, adapter=cfg.hint_adapter,
+                             seed=cfg.seed)
+        student.to(device)
     head = None
     if live is not None:
         head, scale = live.head, live.logit_scale
@@ -188,7 +213,7 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
 
     spec = DataSpec(cache=cfg.cache, tower=cfg.tower, batch_size=cfg.batch_size, seed=cfg.seed, buffer=cfg.buffer,
                     val_fraction=cfg.val_fraction, images=cfg.images, allow_incomplete=cfg.allow_incomplete,
-                    views_per_sample=cfg.views_per_sample)
+                    views_per_sample=cfg.views_per_sample, hints=teacher_hints if live is None else ())
     rows = count_rows(spec, "train")
     micro_per_epoch = rows // cfg.batch_size
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
@@ -225,6 +250,9 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
         elif cfg.resume:
             log.info("--resume: no checkpoint in %s yet, starting from step 0", run_dir)
 
+        # before config.json: a tracker that cannot start (W&B not logged in) leaves no run to --resume
+        trackers = tracking.Trackers.open(run_dir, cfg.report_to, resume_step=step if ckpt is not None else None,
+                                          config=resolved)
         rundir.write_config(run_dir, {
             "config": resolved, "cache": cfg.cache, "cache_fingerprint": fingerprint, "student_config": student.config,
             "student_preprocess": student.preprocess, "embed_dim": embed_dim, "logit_scale": scale,
@@ -258,7 +286,7 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
                     x_in = _student_input(student, batch, device)
                     with autocast(device, precision):
                         s = student(x_in)
-                    terms = loss_fn(_to_inputs(batch, s, head, scale, cfg.temperature, device))
+                    terms = loss_fn(_to_inputs(batch, s, head, scale, cfg.temperature, device, hints))
                     scaler.scale(terms["loss"] / cfg.accum_steps).backward()
                     micro += 1
                     seen += s.shape[0]
@@ -277,6 +305,7 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
                            "grad_norm": float(gnorm), "samples_per_s": rate,
                            **{k: float(v.detach()) for k, v in terms.items()}}
                     metrics.log(row)
+                    trackers.log(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{rate:.0f}")
                     bar.update(1)
                     end_of_epoch = epoch_step >= steps_per_epoch
@@ -287,8 +316,10 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
                 # epoch (or run) boundary: validate, checkpoint at the start of the next epoch
                 final_val = validate(student, loss_fn, data.start("val", 0), head=head,
                                      scale=scale, temperature=cfg.temperature, device=device, precision=precision,
-                                     targets=targets)
-                metrics.log({"kind": "val", "step": step, "epoch": epoch, **final_val})
+                                     targets=targets, hints=hints)
+                val_row = {"kind": "val", "step": step, "epoch": epoch, **final_val}
+                metrics.log(val_row)
+                trackers.log(val_row)
                 metrics.write_csv()
                 log.info("epoch %d step %d: %s", epoch, step, ", ".join(f"{k}={v:.4f}" for k, v in final_val.items()
                                                                           if isinstance(v, float)))
@@ -300,6 +331,9 @@ def run(cfg: TrainConfig, *, targets: Targets | None = None) -> TrainResult:
         finally:
             bar.close()
             metrics.close()
+            trackers.close()
+            if hints is not None:
+                hints.close()
         rundir.write_final(run_dir, student, {"steps": step, "epochs": epoch, "val": final_val,
                                               "finished": time.time()})
         return TrainResult(str(run_dir), step, epoch, final_val)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 TOWERS = ("image", "text")
-NEEDS = ("logits", "labels", "pairs")
+NEEDS = ("logits", "labels", "pairs", "hints")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ class LossInputs:
     labels: torch.Tensor | None = None       # [B] int64, -1 = no label
     other: torch.Tensor | None = None        # [B, D] teacher embedding of the other modality, NaN rows where absent
     has_other: torch.Tensor | None = None    # [B] bool
+    # (student feature through its adapter [B, C], teacher hint [B, C]) per --hint-map pair
+    hints: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
 
 
 class Loss:
@@ -184,6 +186,23 @@ class AffinityLoss(Loss):
         t_logits = x.logit_scale * x.teacher[rows].to(x.student.dtype) @ o.T / t
         return F.kl_div(F.log_softmax(s_logits, dim=-1), F.log_softmax(t_logits, dim=-1), log_target=True,
                         reduction="batchmean")
+
+
+@register_loss("hint")
+class HintLoss(Loss):
+    """Hidden-layer hints (FitNets; the seeds' "hidden" and "hidden + adapter" KD): mean over the --hint-map pairs of
+    1 - cos(adapter(student feature), teacher's cached pooled feature of the same view). Cosine, so the teacher's
+    feature scale does not matter."""
+
+    towers = ("image",)
+    needs = ("hints",)
+
+    def __call__(self, x: LossInputs) -> torch.Tensor:
+        pairs = self._need(x, "hints")
+        if not pairs:
+            raise ValueError("loss 'hint' needs at least one --hint-map STUDENT_MODULE=TEACHER_HINT")
+        terms = [(1 - F.cosine_similarity(s, t.to(s.dtype), dim=-1)).mean() for s, t in pairs]
+        return torch.stack(terms).mean()
 
 
 def valid_losses(tower: str) -> list[str]:

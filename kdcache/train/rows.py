@@ -126,6 +126,7 @@ class RawRow:
     partner_members: dict[str, bytes] | None = None            # a mixed view's partner sample's tar members
     partner_position: int = -1
     partner_rec: ViewRecord | None = None                      # the partner's own record of the same view index
+    hints: tuple[np.ndarray, ...] = ()                          # float32 teacher hints of the view (DataSpec.hints)
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -155,6 +156,12 @@ class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
         self.policy = policy or Policy()  # the default records are today's crop box and flip
         self.fill = fill or erase_fill(cache.attrs["preprocess"])
         self.record_names = list(record_arrays(self.policy))
+        cached = [layer["name"] for layer in (cache.attrs["build"].get("hints") or {}).get("layers", [])]
+        unknown = [h for h in spec.hints if h not in cached]
+        if unknown:
+            raise DataError(f"teacher hints {unknown} are not in the cache (it holds {cached or 'none'}; build with "
+                            "--hints MODULE)")
+        self.hint_arrays = [schema.hint_array(cached.index(h)) for h in spec.hints]
         self.build = {"max_pixels": int(cache.attrs["build"]["max_pixels"]),
                       "background": tuple(int(c) for c in cache.attrs["build"]["background"])}
         self._eval_tf: dict[str, Callable] = {}  # built on first use, in the process that uses it
@@ -187,7 +194,8 @@ class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
 
     def unit_rows(self, cache: Cache, unit: Unit, *, split: str, epoch: int) -> Iterator[RawRow | tuple[RawRow, ...]]:
         """The shard's tar streamed in order and joined to the cache rows by position, checking every key."""
-        a = cache.read(unit, [*self.split_arrays[IMAGES], "label", "caption", "caption_emb", *self.record_names, "emb"])
+        a = cache.read(unit, [*self.split_arrays[IMAGES], "label", "caption", "caption_emb", *self.record_names, "emb",
+                              *self.hint_arrays])
         rows = len(a["key"])
         keep = np.zeros(rows, dtype=bool)
         keep[self.in_split(a, unit, split, self.spec.val_fraction)] = True
@@ -247,7 +255,8 @@ class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
         return RawRow(shard=unit.index, position=p, key=key, teacher=_f32(a["emb"][p, v]),
                       other=_f32(a["caption_emb"][p]), has_other=bool(a["caption"][p] != ""),
                       label=int(a["label"][p]), view=v, box=rec.box, flip=rec.flip, members=members,
-                      text=str(a["caption"][p]) if self.return_texts else "", rec=rec, **partner)
+                      text=str(a["caption"][p]) if self.return_texts else "", rec=rec,
+                      hints=tuple(_f32(a[h][p, v]) for h in self.hint_arrays), **partner)
 
     def decode_image(self, row: RawRow):
         """The row's picture decoded exactly as the build decoded it (same max_pixels and background)."""
@@ -308,6 +317,8 @@ class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
             "shard": torch.tensor([r.shard for r in rows], dtype=torch.int64),
             "position": torch.tensor([r.position for r in rows], dtype=torch.int64),
             "view": torch.tensor([r.view for r in rows], dtype=torch.int64),
+            **{f"hint:{name}": torch.from_numpy(np.stack([r.hints[i] for r in rows]))
+               for i, name in enumerate(self.spec.hints)},
             **extra,
         }
 

@@ -5,6 +5,8 @@
     RUN/checkpoints/       step-N/ (student, optimizer/scheduler/RNG state, loader position) + `latest`, atomic
     RUN/final/student.safetensors
     RUN/done.json          written last: a run is finished when it exists
+    RUN/tensorboard/       with --report-to tensorboard: event files of the same rows (kdcache/train/tracking.py)
+    RUN/wandb/             with --report-to wandb: W&B's files, and `kdcache-run-id`, the W&B run a --resume continues
 
 The training loop writes it; `kdcache export`, `kdcache eval` and `kdcache compare` read it through this module (never
 through the loop). No pickles: tensors are safetensors, the rest JSON.
@@ -32,6 +34,9 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FINAL = "final"
 WEIGHTS = "student.safetensors"
+TENSORBOARD = "tensorboard"
+WANDB = "wandb"
+WANDB_RUN_ID = "kdcache-run-id"
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -201,6 +206,9 @@ def load_run_student(run_dir: str | Path, *, device: str = "cpu") -> tuple[Stude
     c = conf["config"]
     student = build_student(c["student"], tower=conf["tower"], teacher_dim=conf["embed_dim"],
                             pretrained=None, seed=c["seed"])
-    student.load_state_dict(load_file(str(run_dir / FINAL / WEIGHTS), device=device))
+    # hint adapters are training-only: the student a run leaves is its tower (and projection)
+    weights = {k: v for k, v in load_file(str(run_dir / FINAL / WEIGHTS), device=device).items()
+               if not k.startswith("hint_adapters.")}
+    student.load_state_dict(weights)
     student.eval()
     return student, conf

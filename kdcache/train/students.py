@@ -154,6 +154,9 @@ def _in_tower(model: nn.Module, name: str, tower: str) -> bool:
     return name.split(".")[0] not in ("logit_scale", "logit_bias")  # CLIP keeps its text modules at the top level
 
 
+HINT_ADAPTERS = ("linear", "none")
+
+
 class Student(nn.Module):
     """A full open_clip CLIP whose `tower` is trained; `proj` maps its embedding to the teacher's dim when they differ.
 
@@ -177,6 +180,8 @@ class Student(nn.Module):
         # Bias-free, so that it folds into the tower's own projection (a matrix without bias in the standard CLIP).
         self.proj = (nn.Linear(self.student_dim, self.teacher_dim, bias=False)
                      if self.student_dim != self.teacher_dim else None)
+        # Training-only adapters of the `hint` loss (one per --hint-map pair, see add_hint_adapters); never exported.
+        self.hint_adapters = nn.ModuleDict()
         for name, p in self.model.named_parameters():
             p.requires_grad_(_in_tower(self.model, name, tower))
         # Non-persistent: they follow .to(device) but are not part of checkpoints (they come from the config).
@@ -194,9 +199,22 @@ class Student(nn.Module):
         return F.normalize(feats.float(), dim=-1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The trained tower's parameters and the projection (everything else has requires_grad False)."""
+        """The trained tower's parameters, the projection and any hint adapters (everything else has requires_grad
+        False)."""
         params = [p for n, p in self.model.named_parameters() if _in_tower(self.model, n, self.tower)]
-        return params + (list(self.proj.parameters()) if self.proj is not None else [])
+        return params + (list(self.proj.parameters()) if self.proj is not None else []) + \
+            list(self.hint_adapters.parameters())
+
+    def add_hint_adapters(self, widths: list[tuple[int, int]], *, adapter: str) -> None:
+        """One adapter per --hint-map pair (student width, teacher width), in pair order: a learned linear map
+        (`linear`, the seeds' "hidden + adapter"), or none (`none`: the identity, widths must match)."""
+        if adapter not in HINT_ADAPTERS:
+            raise StudentError(f"--hint-adapter {adapter!r}: expected one of {', '.join(HINT_ADAPTERS)}")
+        for i, (s, t) in enumerate(widths):
+            if adapter == "none" and s != t:
+                raise StudentError(f"--hint-adapter none needs equal widths, but hint pair {i} maps a student "
+                                   f"feature of width {s} to a teacher hint of width {t}; use --hint-adapter linear")
+            self.hint_adapters[str(i)] = nn.Linear(s, t) if adapter == "linear" else nn.Identity()
 
     def normalize_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float (x / 255 - mean) / std with the student's statistics, on the images' device."""
