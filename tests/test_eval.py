@@ -438,3 +438,22 @@ def test_eval_on_cuda_matches_cpu(three, work, tmp_path):
     assert rep["timing"]["device"].startswith("cuda")
     half = _zeroshot(work, tmp_path / "h", [work["teacher"], work["run"]], device="cuda", precision="fp16")
     assert half["models"][1]["agreement"]["top1_agreement"] > 0.5
+
+
+def test_compare_paired_ci_against_a_reference(three, work, tmp_path):
+    from kdcache.eval.metrics import paired_difference
+
+    report_dir, report = three
+    md = compare([str(report_dir)], out=None, paired_ci=True)
+    assert "## Paired differences against" in md
+    teacher, exported, run_model = report["models"]
+    labels = report["samples"]["labels"]
+    correct = [[p == y for p, y in zip(m["metrics"]["predictions"], labels, strict=True)] for m in report["models"]]
+    want = paired_difference(correct[1], correct[0])
+    section = md.split("## Paired differences against")[1]
+    assert f"{100 * want['diff']:.2f}" in section and f"{want['a_only']} / {want['b_only']}" in section
+    names = [line.split(" | ")[0].strip("| ") for line in _rows(md)]
+    md2 = compare([str(report_dir)], out=None, paired_ci=True, reference=names[-1])
+    assert f"## Paired differences against {names[-1]}" in md2
+    with pytest.raises(CompareError, match="--reference 'nope'"):
+        compare([str(report_dir)], out=None, paired_ci=True, reference="nope")

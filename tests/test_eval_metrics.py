@@ -110,3 +110,22 @@ def test_class_logits_scale_cosines():
     emb = torch.tensor([[1.0, 0.0]])
     head = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert class_logits(emb, head, logit_scale=100.0).tolist() == [[100.0, 0.0]]
+
+
+def test_paired_difference_by_hand():
+    from kdcache.eval.metrics import paired_difference
+
+    a = np.array([1, 1, 1, 0, 1, 0, 1, 1, 0, 1] * 20, dtype=bool)   # 70%
+    b = np.array([1, 0, 1, 0, 0, 0, 1, 1, 0, 1] * 20, dtype=bool)   # 50%
+    d = paired_difference(a, b, resamples=4000, seed=1)
+    assert d["diff"] == pytest.approx(0.2) and d["lo"] < 0.2 < d["hi"] and d["lo"] > 0
+    assert (d["a_only"], d["b_only"], d["n"]) == (40, 0, 200)
+    assert d["p_mcnemar"] == pytest.approx(2 * 0.5 ** 40)
+    same = paired_difference(a, a)
+    assert same["diff"] == same["lo"] == same["hi"] == 0 and same["p_mcnemar"] == 1.0
+    # symmetric discordance: p = 1 for 1 vs 1, and the CI straddles 0
+    x, y = np.array([1, 0, 1, 1], bool), np.array([0, 1, 1, 1], bool)
+    d = paired_difference(x, y)
+    assert d["p_mcnemar"] == 1.0 and d["lo"] < 0 < d["hi"]
+    with pytest.raises(ValueError):
+        paired_difference(a, b[:-1])

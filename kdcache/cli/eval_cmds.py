@@ -93,8 +93,14 @@ def eval_cmd(**kw) -> None:
               help="Throughput batch for --remeasure [default: the first report's].")
 @click.option("--latency-repeats", default=10, type=click.IntRange(1), help="Timed calls per model for --remeasure.")
 @click.option("--latency-warmup", default=2, type=click.IntRange(0), help="Warm-up calls per model for --remeasure.")
+@click.option("--paired-ci", is_flag=True,
+              help="Zero-shot: each model's top-1 minus the reference's on the same images, with a 95%% "
+                   "paired-bootstrap confidence interval over images and McNemar's exact p.")
+@click.option("--reference", default=None, metavar="NAME",
+              help="The model --paired-ci compares against, by its row name [default: the teacher, else the first].")
 def compare_cmd(reports: tuple[str, ...], out: str | None, remeasure: bool, device: str, runs: tuple[str, ...],
-                latency_batch: int | None, latency_repeats: int, latency_warmup: int) -> None:
+                latency_batch: int | None, latency_repeats: int, latency_warmup: int, paired_ci: bool,
+                reference: str | None) -> None:
     """Compare eval reports: one table, teacher first, with ×smaller, ×faster, Δ top-1 and Δ macro-F1, plus two
     PNG plots next to --out (training curves, accuracy vs latency). Rows get short names; the full specs are listed
     under the table.
@@ -111,7 +117,7 @@ def compare_cmd(reports: tuple[str, ...], out: str | None, remeasure: bool, devi
     try:
         text, written = write_compare(list(reports), out=None if out == "-" else out, remeasure=remeasure, runs=runs,
                                       device=device, latency_batch=latency_batch, latency_repeats=latency_repeats,
-                                      latency_warmup=latency_warmup)
+                                      latency_warmup=latency_warmup, paired_ci=paired_ci, reference=reference)
     except (CompareError, ModelError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(text)

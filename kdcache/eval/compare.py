@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdcache.eval import metrics as M
 from kdcache.eval import plots
 from kdcache.eval.report import REPORT_JSON, fmt_number, md_table, short_names
 from kdcache.eval.tasks import TASKS, Task, get_task
@@ -228,13 +229,14 @@ def build_table(rows: Sequence[_Row], teacher: _Row | None, task: Task, *, remea
 
 def compare(report_dirs: Sequence[str], *, out: str | None = None, remeasure: bool = False,
             runs: Sequence[str] = (), device: str = "cpu", latency_batch: int | None = None,
-            latency_repeats: int = 10, latency_warmup: int = 2) -> str:
+            latency_repeats: int = 10, latency_warmup: int = 2, paired_ci: bool = False,
+            reference: str | None = None) -> str:
     """The comparison as Markdown. With `out`, also write it there and the PNG plots next to it, and print each
     path written. `runs`: more training-run directories whose curves to plot (exported models do not record their
     run). `remeasure`: reload every model and time them side by side on `device`."""
     text, written = write_compare(report_dirs, out=out, remeasure=remeasure, runs=runs, device=device,
                                   latency_batch=latency_batch, latency_repeats=latency_repeats,
-                                  latency_warmup=latency_warmup)
+                                  latency_warmup=latency_warmup, paired_ci=paired_ci, reference=reference)
     for p in written:
         print(f"wrote {p}")
     return text
@@ -263,9 +265,46 @@ def _points(rows: Sequence[_Row], teacher: _Row | None, task: Task) -> list[plot
     return out
 
 
+def _correct(r: _Row) -> dict[str, bool] | None:
+    """Per-image top-1 correctness of a row's model, by sample key (None when its report has no predictions)."""
+    pred, samples = r.model["metrics"].get("predictions"), r.report.get("samples")
+    if pred is None or not samples:
+        return None
+    return {k: p == y for k, p, y in zip(samples["keys"], pred, samples["labels"], strict=True)}
+
+
+def paired_table(rows: Sequence[_Row], reference: _Row, *, resamples: int = 10_000) -> tuple[str, list[str]]:
+    """Each model's top-1 minus the reference's on the same images, with a 95% paired-bootstrap CI over images and
+    McNemar's exact p (kdcache.eval.metrics.paired_difference); images both reports scored, matched by key."""
+    ref = _correct(reference)
+    if ref is None:
+        raise CompareError(f"--paired-ci: the reference {reference.label} has no per-image predictions (its report is "
+                           "from an older kdcache or not zero-shot); re-run kdcache eval")
+    out, notes = [], []
+    for r in rows:
+        if r is reference:
+            continue
+        mine = _correct(r)
+        if mine is None:
+            notes.append(f"{r.label}: no per-image predictions in its report; not in the paired table.")
+            continue
+        keys = [k for k in ref if k in mine]
+        if not keys:
+            notes.append(f"{r.label}: no image in common with the reference; not in the paired table.")
+            continue
+        d = M.paired_difference([mine[k] for k in keys], [ref[k] for k in keys], resamples=resamples)
+        out.append([r.label, fmt_number(100 * d["diff"], digits=2), f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]",
+                    f"{d['a_only']} / {d['b_only']}", f"{d['p_mcnemar']:.3g}", str(d["n"]),
+                    "yes" if d["lo"] > 0 or d["hi"] < 0 else "no"])
+    table = md_table(["model", f"Δ top-1 vs {reference.label} (pts)", "95% CI (paired bootstrap)",
+                      "only it right / only ref right", "McNemar p", "images", "CI excludes 0"], out)
+    return table, notes
+
+
 def write_compare(report_dirs: Sequence[str], *, out: str | None = None, remeasure: bool = False,
                   runs: Sequence[str] = (), device: str = "cpu", latency_batch: int | None = None,
-                  latency_repeats: int = 10, latency_warmup: int = 2) -> tuple[str, list[Path]]:
+                  latency_repeats: int = 10, latency_warmup: int = 2, paired_ci: bool = False,
+                  reference: str | None = None) -> tuple[str, list[Path]]:
     """`compare` without printing: (Markdown, paths written: the Markdown file first, then the plots)."""
     if not report_dirs:
         raise CompareError("give at least one REPORT_DIR")
@@ -292,7 +331,16 @@ def write_compare(report_dirs: Sequence[str], *, out: str | None = None, remeasu
     if timing is not None:
         lines.append(f"- **re-measured**: all {len(rows)} models timed side by side in one process on "
                      f"{timing['device']} ({timing['warmup']} warm-up + {timing['repeats']} calls, medians)")
-    lines += ["", table, "", "Models:", "", *(f"- {x}" for x in _model_list(rows, teacher)), "", "Notes:", "",
+    lines += ["", table, ""]
+    if paired_ci:
+        names = {r.label: r for r in rows}
+        if reference is not None and reference not in names:
+            raise CompareError(f"--reference {reference!r}: not a model of these reports ({', '.join(names)})")
+        ref = names[reference] if reference is not None else (teacher or rows[0])
+        ptable, pnotes = paired_table(rows, ref)
+        notes += pnotes
+        lines += [f"## Paired differences against {ref.label}", "", ptable, ""]
+    lines += ["Models:", "", *(f"- {x}" for x in _model_list(rows, teacher)), "", "Notes:", "",
               *(f"- {n}" for n in table_notes + notes), ""]
 
     written: list[Path] = []

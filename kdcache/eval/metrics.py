@@ -20,6 +20,7 @@ Conventions (what a reader of a report needs to know):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -166,3 +167,30 @@ def agreement(student_logits=None, teacher_logits=None, student_emb=None, teache
             raise ValueError(f"embeddings differ in shape: student {tuple(s.shape)}, teacher {tuple(t.shape)}")
         out["cosine"] = float(F.cosine_similarity(s, t, dim=-1).mean())
     return out
+
+
+def paired_difference(a, b, *, resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+    """Top-1 of model A minus model B on the same images (per-image correctness, bool [N] each), with a paired
+    bootstrap confidence interval over images (percentile, `resamples` draws of N images with replacement, seeded)
+    and McNemar's exact test on the discordant pairs (two-sided binomial on n01 vs n10).
+
+    Returns {"diff", "lo", "hi", "n", "a_only" (A right, B wrong), "b_only", "p_mcnemar"}. Correctness may also be a
+    float in [0, 1] per image (e.g. averaged over seeds); McNemar then counts images where A > B and B > A."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"need two equal-length per-image vectors, got {a.shape} and {b.shape}")
+    d = a - b
+    rng = np.random.default_rng(seed)
+    n = len(d)
+    means = np.empty(resamples)
+    for i in range(0, resamples, 1000):  # in blocks: bounded memory for big test sets
+        k = min(1000, resamples - i)
+        means[i:i + k] = d[rng.integers(0, n, size=(k, n))].mean(axis=1)
+    alpha = (1 - level) / 2
+    a_only, b_only = int((d > 0).sum()), int((d < 0).sum())
+    m = a_only + b_only
+    # exact two-sided binomial test: P(X <= min) * 2 under X ~ Bin(m, 1/2)
+    tail = sum(math.comb(m, j) for j in range(min(a_only, b_only) + 1)) / 2 ** m if m else 1.0
+    return {"diff": float(d.mean()), "lo": float(np.quantile(means, alpha)), "hi": float(np.quantile(means, 1 - alpha)),
+            "n": n, "a_only": a_only, "b_only": b_only, "p_mcnemar": float(min(1.0, 2 * tail))}

@@ -194,7 +194,9 @@ class ZeroShot(Task):
         metrics = {"top1": M.topk_accuracy(logits, labels, k=1),
                    "top5": M.topk_accuracy(logits, labels, k=5) if n_classes > 5 else None,
                    **rep, "confusion": cm.tolist() if n_classes <= CONFUSION_INLINE else None,
-                   "confusion_csv": csv_name, "plots": plots}
+                   "confusion_csv": csv_name, "plots": plots,
+                   # per-image top-1 class, in the report's sample order: for paired comparisons (compare --paired-ci)
+                   "predictions": logits.argmax(1).tolist()}
         return {"image_emb": img, "logits": logits}, metrics
 
     def add_cache_reference(self, ref: dict, cache: Cache, arrays: dict[str, list[np.ndarray]]) -> str:
@@ -208,7 +210,8 @@ class ZeroShot(Task):
 
     def report_fields(self, col: Collected) -> dict:
         return {"classes": {"names": self.classes, "source": self.classes_source},
-                "templates": {"templates": self.templates, "source": self.templates_source}}
+                "templates": {"templates": self.templates, "source": self.templates_source},
+                "samples": {"keys": list(col.keys), "labels": list(col.labels)}}
 
     def summary_line(self, report: dict) -> str:
         c, t = report["classes"], report["templates"]
