@@ -53,7 +53,8 @@ def _as_format_string(template: Callable[[str], str] | str) -> str:
     return template if isinstance(template, str) else template("{}")
 
 
-def _check_template(t: str, where: str) -> str:
+def check_template(t: str, where: str) -> str:
+    """`t` as a format string with exactly one positional {} (`{c}` accepted), or ValueError naming `where`."""
     t = t.replace("{c}", "{}")
     try:
         # Exactly one positional "{}" and no other replacement fields; otherwise format() fails or drops the class.
@@ -90,8 +91,8 @@ def load_templates(spec: str | None, *, classes_spec: str | None = None) -> tupl
         chosen = _lines(path.read_text(encoding="utf-8"))
         if not chosen:
             raise ValueError(f"--templates file {spec_used} holds no templates")
-        return [_check_template(t, f"{path}, template {i + 1}") for i, t in enumerate(chosen)], f"file {path.resolve()}"
-    templates = [_check_template(_as_format_string(t), spec_used) for t in chosen]
+        return [check_template(t, f"{path}, template {i + 1}") for i, t in enumerate(chosen)], f"file {path.resolve()}"
+    templates = [check_template(_as_format_string(t), spec_used) for t in chosen]
     desc = f"{how}built-in {spec_used} ({src})"
     if spec is None and classes_spec is not None:
         desc += f" for classes {classes_spec}"

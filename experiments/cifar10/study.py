@@ -273,11 +273,7 @@ def _plots(args, arms, order, out_md: Path) -> list[Path]:
     ax.set_xlabel("step")
     ax.set_ylabel("validation top-1 agreement with the teacher (%)")
     ax.legend(fontsize=7)
-    p = out_md.parent / "cifar10-study-curves.png"
-    fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    out.append(p)
+    out.append(_save(fig, out_md.parent / "cifar10-study-curves.png"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for a in order:
         for s, r in arms[a].items():
@@ -288,12 +284,17 @@ def _plots(args, arms, order, out_md: Path) -> list[Path]:
     ax.set_xlabel("training wall time (s, 2 CPU cores)")
     ax.set_ylabel("zero-shot top-1 on the test shard (%)")
     ax.legend(fontsize=7)
-    p = out_md.parent / "cifar10-study-accuracy-wall.png"
-    fig.tight_layout()
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    out.append(p)
+    out.append(_save(fig, out_md.parent / "cifar10-study-accuracy-wall.png"))
     return out
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> None:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from kdcache import __version__
 from kdcache.shards.decode import IMAGE_EXTS
 from kdcache.shards.tar import describe_error
+from kdcache.vocab import check_template
 
 SHARD_SIZE = 10_000  # images per shard, img2dataset's default
 CLASSES_FILE = "classes.txt"
@@ -124,13 +125,9 @@ def _shard_names(out: str) -> tuple[str, str]:
 
 def _check_template(t: str) -> None:
     try:
-        # Exactly one "{}" and no other replacement fields, as kdcache's --templates (kdcache.vocab) require.
-        ok = t.count("{}") == 1 and t.format("\0") == t.replace("{}", "\0")
-    except (IndexError, KeyError, ValueError):
-        ok = False
-    if not ok:
-        raise PackError(f"--captions-from-class {t!r} must contain the class placeholder {{}} exactly once and no "
-                        "other braces, e.g. 'a photo of a {}.'")
+        check_template(t, "--captions-from-class")  # the rule kdcache's --templates follow
+    except ValueError as e:
+        raise PackError(f"{e}, e.g. 'a photo of a {{}}.'") from None
 
 
 def _check_out_dir(out_dir: Path, folder: Path) -> None:
