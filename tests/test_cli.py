@@ -130,6 +130,9 @@ def test_cli_choices_match_the_registries():
         (param,) = [p for p in cli.commands[command].params if p.name == name]
         return tuple(param.type.choices)
 
+    from kdcache.hints import POOLS
+
     assert choices("eval", "task") == tuple(TASKS)
+    assert choices("build", "hint_pool") == choices("layers", "pool") == POOLS
     assert choices("train", "tower") == TOWERS
     assert choices("build", "precision") == choices("train", "precision") == choices("eval", "precision") == PRECISIONS

@@ -251,8 +251,8 @@ def info(path: str) -> dict:
     hint_layers = (a.get("build", {}).get("hints") or {}).get("layers", [])
     hint_names = {schema.hint_array(i) for i in range(len(hint_layers))}
     # keys of a hint array's objects: images/{shard}/{hintNN}/...
-    hint_bytes = store_bytes(cache.root, lambda k: k.startswith(f"{IMAGES}/") and k.split("/")[2:3] and
-                             k.split("/")[2] in hint_names) if hint_layers else 0
+    hint_bytes = store_bytes(cache.root, lambda k: k.split("/")[0] == IMAGES and
+                             len(k.split("/")) > 2 and k.split("/")[2] in hint_names) if hint_layers else 0
     raw = raw_bytes(cache)
     n_img = sum(st["valid"] for u in units if u.kind == IMAGES for st in [statuses[u.name]] if st)
     n_cap = sum(st["valid"] for u in units if u.kind == CAPTIONS for st in [statuses[u.name]] if st)
