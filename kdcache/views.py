@@ -79,6 +79,40 @@ def eval_box(width: int, height: int, preprocess: dict) -> Box:
     return round((width - bw) / 2), round((height - bh) / 2), bw, bh
 
 
+def eval_resize(width: int, height: int, preprocess: dict) -> tuple[int, int]:
+    """(w, h) of the image after the eval transform's resize step, before its crop or pad: the largest picture the
+    transform makes. As open_clip builds it: 'shortest' to a square scales the short edge to the size (torchvision
+    Resize, long edge truncated), to a non-square size it uses ResizeKeepRatio; 'longest' fits the long edge
+    (ResizeKeepRatio, rounded); 'squash' resizes to the size."""
+    mode = preprocess.get("resize_mode", "shortest")
+    th, tw = size_hw(preprocess)
+    if mode == "squash":
+        return tw, th
+    if mode == "shortest" and th == tw:
+        short, long = min(width, height), max(width, height)
+        new_long = int(th * long / short)
+        return (th, new_long) if width <= height else (new_long, th)
+    if mode not in ("shortest", "longest"):
+        raise ValueError(f"unknown resize_mode {mode!r}")
+    rh, rw = height / th, width / tw
+    ratio = max(rh, rw) if mode == "longest" else min(rh, rw)
+    return round(width / ratio), round(height / ratio)
+
+
+def eval_view_problem(width: int, height: int, preprocess: dict, *, max_pixels: int) -> str | None:
+    """Why the eval transform cannot be run on a width x height image, or None. An extreme aspect ratio passes any
+    source-pixel bound (a 3,000,000x1 PNG is a few KB) yet asks the short-edge resize for billions of pixels, or the
+    long-edge fit for a 0-pixel side. Random views need no such check: they crop inside the source (bounded by
+    max_pixels) and resize the crop to the fixed view size."""
+    w, h = eval_resize(width, height, preprocess)
+    if w < 1 or h < 1:
+        return f"{width}x{height} resizes to {w}x{h} for the eval view: a side would vanish"
+    if w * h > max_pixels:
+        return (f"{width}x{height} resizes to {w}x{h} = {w * h} pixels for the eval view, above max_pixels "
+                f"{max_pixels}")
+    return None
+
+
 def view_seed(*, seed: int, shard: int, position: int, view: int) -> int:
     """A stable 63-bit seed for one view of one sample: blake2b of the four integers, independent of Python's hash
     randomisation, worker count and arrival order."""
@@ -106,6 +140,11 @@ def random_view(*, width: int, height: int, seed: int, shard: int, position: int
 def crop_view(img: PIL.Image.Image, box: Box, flip: bool) -> PIL.Image.Image:
     """The exact source pixels of a view: crop `box`, then mirror if `flip` (before any resize, so replay is exact)."""
     left, top, w, h = (int(v) for v in box)
+    # Records always crop inside the source; a box outside it (a damaged record) would make PIL allocate and pad a
+    # crop of any size, so it is refused instead.
+    if w < 1 or h < 1 or left < 0 or top < 0 or left + w > img.width or top + h > img.height:
+        raise ValueError(f"view box {tuple(int(v) for v in box)} (left, top, w, h) is not inside the "
+                         f"{img.width}x{img.height} image: the view record is damaged")
     out = img.crop((left, top, left + w, top + h))
     return out.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 

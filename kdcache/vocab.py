@@ -24,6 +24,24 @@ def _lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _file_lines(path: Path, option: str) -> list[str]:
+    """The non-blank lines of a `--classes`/`--templates` file (a UTF-8 byte-order mark is accepted), or ValueError
+    naming the file: not UTF-8, unreadable, or holding a NUL (the cache could not store that name faithfully)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes().count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{option} file {path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                         "UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"{option} file {path}: cannot be read ({e.strerror or e})") from None
+    lines = _lines(text)
+    bad = next((i for i, line in enumerate(lines) if "\0" in line), None)
+    if bad is not None:
+        raise ValueError(f"{option} file {path}: entry {bad + 1} holds a NUL character")
+    return lines
+
+
 def load_classes(spec: str) -> tuple[list[str], str]:
     """Class names for `--classes`: a built-in vocabulary or a text file (one class per line); returns (names,
     a description of where they came from)."""
@@ -37,7 +55,7 @@ def load_classes(spec: str) -> tuple[list[str], str]:
     if not path.is_file():
         raise ValueError(f"--classes {spec!r} is neither a built-in vocabulary ({', '.join(BUILTIN_CLASSES)}) "
                          "nor an existing text file with one class per line")
-    names = _lines(path.read_text(encoding="utf-8"))
+    names = _file_lines(path, "--classes")
     if not names:
         raise ValueError(f"--classes file {spec} holds no class names")
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -88,7 +106,7 @@ def load_templates(spec: str | None, *, classes_spec: str | None = None) -> tupl
         if not path.is_file():
             raise ValueError(f"--templates {spec_used!r} is neither a built-in template set "
                              f"({', '.join(BUILTIN_TEMPLATES)}) nor an existing text file with one template per line")
-        chosen = _lines(path.read_text(encoding="utf-8"))
+        chosen = _file_lines(path, "--templates")
         if not chosen:
             raise ValueError(f"--templates file {spec_used} holds no templates")
         return [check_template(t, f"{path}, template {i + 1}") for i, t in enumerate(chosen)], f"file {path.resolve()}"

@@ -105,6 +105,8 @@ class TeacherPass:
         """An image shard's arrays and status, from its ShardMeta and the teacher outputs of all its batches (paired
         captions are encoded here, once the shard is complete)."""
         unit = meta.unit
+        if self.vocab is not None:
+            reject_unknown_labels(meta, len(self.vocab.classes))
         data = schema.empty_unit_data(self.image_specs, meta.rows)
         data["key"][:] = meta.keys
         data["valid"][:] = meta.valid
@@ -114,6 +116,11 @@ class TeacherPass:
         for name, records in meta.records.items():
             data[name][:] = records
         for pos, view, emb, idx, val, lse, hints in parts:
+            keep = meta.valid[pos]  # rows rejected after the teacher saw them (reject_unknown_labels) stay unwritten
+            if not keep.all():
+                k = torch.from_numpy(keep)
+                pos, view, emb, hints = pos[keep], view[keep], emb[k], {n: h[k] for n, h in hints.items()}
+                idx, val, lse = (None if t is None else t[k] for t in (idx, val, lse))
             data["emb"][pos, view] = schema.encode_embeddings(emb.numpy(), self.embed_dtype)
             for i, layer in enumerate((self.hints or {}).get("layers", [])):
                 data[schema.hint_array(i)][pos, view] = hints[layer["name"]].numpy().astype(np.float16)
@@ -128,13 +135,14 @@ class TeacherPass:
             if cap_tokens is not None:
                 data["caption_tokens"][cap_rows] = cap_tokens
         rejected = Counter(r.reason for r in meta.rejects)
+        cut = 0 if meta.caption_truncated is None else int((meta.caption_truncated & meta.valid).sum())
         failed = meta.report.truncated or meta.report.error is not None
         status = {
             "unit": unit.name, "kind": IMAGES, "source": unit.source, "state": schema.STATUS_FAILED if failed
             else schema.STATUS_DONE, "rows": meta.rows, "valid": int(meta.valid.sum()), "rejected": dict(rejected),
             "rejects": [asdict(r) for r in meta.rejects], "digest": meta.report.digest,
             "truncated": meta.report.truncated, "error": meta.report.error, "labels": int((meta.labels >= 0).sum()),
-            "captions": len(cap_rows), "limited": meta.limited,
+            "captions": len(cap_rows), "captions_truncated": cut, "limited": meta.limited,
             "timing": {"finished": time.time()},
         }
         return data, status
@@ -147,12 +155,13 @@ class TeacherPass:
         data = schema.empty_unit_data(self.caption_specs, n)
         data["index"][:] = np.arange(unit.start, unit.stop)
         rejects: list[Reject] = []
-        rows, texts = [], []
+        rows, texts, cut = [], [], 0
         for item in iter_caption_records(corpus["kind"], corpus["path"], start=unit.start, stop=stop):
             if isinstance(item, CaptionRow):
                 r = item.index - unit.start
                 data["text"][r], data["ref"][r], data["valid"][r] = item.text, item.ref, True
                 rows.append(r), texts.append(item.text)
+                cut += item.truncated
             else:
                 rejects.append(item)
         if texts:
@@ -163,9 +172,26 @@ class TeacherPass:
         rejected = Counter(r.reason for r in rejects)
         status = {"unit": unit.name, "kind": CAPTIONS, "source": unit.source, "state": schema.STATUS_DONE,
                   "rows": n, "valid": len(rows), "rejected": dict(rejected), "rejects": [asdict(r) for r in rejects],
-                  "start": unit.start, "stop": unit.stop, "limited": stop < unit.stop,
+                  "captions_truncated": cut, "start": unit.start, "stop": unit.stop, "limited": stop < unit.stop,
                   "timing": {"finished": time.time()}}
         return data, status
+
+
+def reject_unknown_labels(meta: ShardMeta, classes: int) -> None:
+    """With a class vocabulary, a `.cls` label is an index into it: a valid row whose label is not below `classes`
+    would make cross-entropy fail mid-training, so it becomes a reject (`label_out_of_range`), in place."""
+    bad = np.flatnonzero(meta.valid & (meta.labels >= classes))
+    if not bad.size:
+        return
+    for p in bad.tolist():
+        meta.rejects.append(Reject(p, meta.keys[p], "label_out_of_range",
+                                   f".cls {int(meta.labels[p])} is not a class index of the --classes vocabulary "
+                                   f"(0..{classes - 1})"))
+        meta.captions[p] = ""
+    meta.rejects.sort(key=lambda r: r.position)
+    meta.valid[bad], meta.labels[bad], meta.src_size[bad] = False, -1, 0
+    for a in meta.records.values():
+        a[bad] = 0
 
 
 def load_teacher_pass(cfg: BuildConfig) -> TeacherPass:

@@ -9,11 +9,14 @@ disjoint units and rank 0 consolidates after a barrier.
 
 This module is the orchestration; the stages live next to it:
 plan (`plan.py`) -> stream (`stream.py`) -> teacher pass (`assemble.py`) -> writer and consolidation (`writer.py`).
-It also decides what a run may do with an existing --out: create it, overwrite it, or resume it if it is the same build.
+It also decides what a run may do with an existing --out: create it, overwrite it, or resume it if it is the same build
+(a root left by a kill before its attributes were recorded is recognised and started again). The whole build holds the
+cache's writer lock (`kdcache.locks`, OUT.lock): a second writer is refused before anything is deleted or written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import sys
@@ -26,7 +29,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from kdcache import __version__
+from kdcache import __version__, location
 from kdcache.augment import Policy, erase_fill, strong
 from kdcache.cache import schema
 from kdcache.cache.assemble import TeacherPass, load_teacher_pass
@@ -39,14 +42,18 @@ from kdcache.cache.stream import Batch, shard_loader
 from kdcache.cache.writer import (
     UnitWriter,
     cache_exists,
+    check_out_path,
     consolidate,
     consolidated_result,
     create_cache,
+    interrupted_start,
     join_cache,
     remove_cache,
     reopen_cache,
 )
+from kdcache.locks import LockError, WriterLock
 from kdcache.shards import expand_urls
+from kdcache.shards.decode import MAX_CAPTION_CHARS
 from kdcache.teacher import teacher_mismatch
 
 log = logging.getLogger(__name__)
@@ -119,6 +126,9 @@ def _check_config(cfg: BuildConfig, dist: Dist) -> None:
         raise BuildError("--batch-size must be at least 1")
     if not cfg.images and not cfg.captions:
         raise BuildError("nothing to build: give --images and/or --captions")
+    location.check_location(cfg.out, "--out")  # the cache records its inputs: no credentials in any of them
+    for pattern in cfg.images:
+        location.check_location(pattern, "--images")
     if cfg.embed_dtype not in schema.EMBED_DTYPES:
         raise BuildError(f"--embed-dtype must be one of {sorted(schema.EMBED_DTYPES)}")
     policy = view_policy(cfg)  # a bad --augment fails here, before the teacher is loaded
@@ -216,6 +226,11 @@ class _Builder:
             if exists and not (cfg.resume or cfg.overwrite):
                 raise BuildError(f"{path} already exists: pass --resume to continue or extend it, or --overwrite "
                                  "to start again")
+            if exists and cfg.resume and interrupted_start(path):
+                log.warning("resume: %s holds only the start of a build killed before it recorded anything (no "
+                            "kdcache attributes, no unit data): starting it again", path)
+                remove_cache(path)
+                exists = False
             if exists and cfg.overwrite:
                 remove_cache(path)
                 exists = False
@@ -305,13 +320,31 @@ class _Builder:
 
 
 def run(cfg: BuildConfig) -> BuildResult:
-    """Build (or resume, or extend) the cache described by cfg."""
+    """Build (or resume, or extend) the cache described by cfg, holding its writer lock (`kdcache.locks`; under
+    torchrun rank 0 takes it) from before anything is deleted or written until the end, errors and Ctrl-C included.
+    An OSError while writing (disk full, ...) becomes a BuildError naming the path: what was written is kept and the
+    build is resumable."""
     dist = init_distributed()
     try:
-        return _Builder(cfg, dist).run()
+        check_out_path(cfg.out)
+        lock = WriterLock(cfg.out, what="cache") if dist.rank == 0 else contextlib.nullcontext()
+        with lock:
+            return _Builder(cfg, dist).run()
+    except LockError as e:
+        raise BuildError(str(e)) from None
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):  # a missing input: its own message names it
+            raise
+        raise BuildError(f"{os_error_text(e, cfg.out)}: the build stopped; the units already written are kept: fix "
+                         "this, then rerun with --resume") from None
     finally:
         if dist.initialised_here:
             torch.distributed.destroy_process_group()
+
+
+def os_error_text(e: OSError, path: str) -> str:
+    """An OSError in one line: what failed and on which path."""
+    return f"{e.filename or path}: {e.strerror or e}"
 
 
 def print_summary(result: BuildResult, file: TextIO | None = None) -> None:
@@ -324,6 +357,8 @@ def print_summary(result: BuildResult, file: TextIO | None = None) -> None:
               f"({s['caption_rows']} rows)", file=file)
         if s["rejected"]:
             print("  rejected: " + ", ".join(f"{k}={v}" for k, v in s["rejected"].items()), file=file)
+        if s.get("captions_truncated"):
+            print(f"  captions truncated: {s['captions_truncated']} (cut to {MAX_CAPTION_CHARS} characters)", file=file)
         if s["duplicate_keys"]["count"]:
             print(f"  duplicate keys: {s['duplicate_keys']['count']} (all rows kept; see `kdcache info`)", file=file)
         r = s.get("this_run")

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import fsspec
 
-from kdcache.shards.tar import Reject
+from kdcache.shards.decode import check_caption, text_problem
+from kdcache.shards.tar import Reject, RejectError
 
 CAPTION_KINDS = ("coco", "cc", "txt", "jsonl")
 _CAPTION_SUFFIXES = {".json": "coco", ".tsv": "cc", ".txt": "txt", ".jsonl": "jsonl"}
@@ -31,6 +32,7 @@ class CaptionRow:
     index: int  # 0-based record index in the corpus (line index for line formats, annotation index for coco)
     text: str
     ref: str  # source reference: coco image_id as str, cc url, "" otherwise
+    truncated: bool = False  # the caption was cut to MAX_CAPTION_CHARS
 
 
 def _exists(path: str) -> bool:
@@ -71,12 +73,20 @@ def _file_id(path: str) -> tuple:
 
 @functools.lru_cache(maxsize=2)
 def _coco_annotations(path: str, file_id: tuple) -> tuple:
-    """(caption, image_id) per annotation; `file_id` (mtime, size) is in the key so an edited file is re-read."""
-    with fsspec.open(path, "rt", encoding="utf-8") as f:
-        try:
-            doc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    """(caption, image_id) per annotation; `file_id` (mtime, size) is in the key so an edited file is re-read. A
+    UTF-8 byte-order mark is accepted, as the line formats accept it."""
+    with fsspec.open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); a COCO captions file is "
+                         "UTF-8 JSON") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
         raise ValueError(f"{path}:1: no 'annotations' list; is this a COCO captions file?")
     return tuple((a.get("caption"), a.get("image_id")) if isinstance(a, dict) else (None, None)
@@ -124,14 +134,28 @@ def _line_record(kind: str, index: int, line: bytes, where: str) -> CaptionRow |
         if not isinstance(value, str):
             return Reject(index, where, "parse_error", 'want a JSON object with a "caption" or "text" string')
         text = value
+    return _row(index, text, ref, where)
+
+
+def _row(index: int, text: str, ref: str, where: str) -> CaptionRow | Reject:
+    """A caption as the cache stores it (stripped, cut to MAX_CAPTION_CHARS), or a Reject: empty_caption, or
+    bad_caption (a NUL or a lone surrogate, which UTF-8 text cannot hold faithfully)."""
     text = text.strip()
     if not text:
         return Reject(index, where, "empty_caption", "empty caption")
-    return CaptionRow(index=index, text=text, ref=ref)
+    try:
+        text, cut = check_caption(text, "the caption")
+    except RejectError as e:
+        return Reject(index, where, e.reason, e.detail)
+    why = text_problem(ref)
+    if why:
+        return Reject(index, where, "bad_caption", f"the caption's url / image_id {why}")
+    return CaptionRow(index=index, text=text, ref=ref, truncated=cut)
 
 
 def iter_caption_records(kind: str, path: str, *, start: int, stop: int) -> Iterator[CaptionRow | Reject]:
-    """Records [start, stop) of a corpus, each a CaptionRow or a Reject (reason empty_caption or parse_error).
+    """Records [start, stop) of a corpus, each a CaptionRow or a Reject (reason empty_caption, bad_caption or
+    parse_error).
 
     Line formats stream: memory does not depend on the file size. A whole COCO file that is not COCO raises
     ValueError naming file:line.
@@ -146,10 +170,8 @@ def iter_caption_records(kind: str, path: str, *, start: int, stop: int) -> Iter
             where = f"{path}:annotations[{i}]"
             if not isinstance(caption, str):
                 yield Reject(i, where, "parse_error", 'annotation has no "caption" string')
-            elif not caption.strip():
-                yield Reject(i, where, "empty_caption", "empty caption")
             else:
-                yield CaptionRow(index=i, text=caption.strip(), ref="" if image_id is None else str(image_id))
+                yield _row(i, caption, "" if image_id is None else str(image_id), where)
         return
     # Binary lines, decoded one by one: a bad byte rejects its line instead of stopping the corpus, and only "\n"
     # ends a record (text mode would also split at a lone "\r" and shift every later index).

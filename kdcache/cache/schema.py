@@ -17,6 +17,10 @@ bump SCHEMA_MINOR when new ones are added; readers check capabilities, not the m
 1.0: the first layout. 1.1: `int8_embeddings` (embeddings stored as int8; see encode_embeddings). 1.2: `tokens`.
 1.3: `strong_views` (view records beyond crop box and flip: RandAugment ops, erasing, mixing; see kdcache.augment;
 the policy is build["augment"]); `hints` (pooled teacher features of chosen modules per view, build["hints"]).
+1.4: each unit's status (and the vocab group's attributes) records DIGEST_KEY, a sha256 of every array as written
+(array_digest), so a chunk copied from another unit or edited in place is caught by `verify` and by every read. Not a
+capability: it is per unit (a 1.3 cache resumed by this kdcache has units with and without), and readers check the
+units that have one; `info` and `verify` say when units have none.
 
 Embeddings (EMBEDDING_ARRAYS) are stored as fp16 (default), fp32, or int8. int8 is quantised per vector:
 q = round(x / max|x| * 127), so each vector's largest component is exactly ±127. No scale is stored: every stored
@@ -28,6 +32,7 @@ decode_embeddings (the reader does so unless asked for raw values).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +43,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 3
+SCHEMA_MINOR = 4
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 
 ROOT_ATTR = "kdcache"
@@ -65,6 +70,9 @@ KNOWN_CAPABILITIES = (CAP_IMAGES, CAP_CAPTIONS, CAP_LOGITS, CAP_LABELS, CAP_PAIR
 # int8 codes as numbers). Purely additive capabilities (new optional arrays) are never required.
 # A reader that ignored strong-view records would replay views without their ops or mixing: wrong pixels, silently.
 MUST_UNDERSTAND = (CAP_INT8, CAP_STRONG_VIEWS)
+
+# A unit status's (and the vocab group's) {array name: array_digest of what was written} (schema 1.4).
+DIGEST_KEY = "content_digests"
 
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
@@ -262,8 +270,10 @@ def empty_unit_data(specs: dict[str, ArraySpec], rows: int) -> dict[str, np.ndar
     return out
 
 
-def write_unit(root: zarr.Group, unit: Unit, specs: dict[str, ArraySpec], data: dict[str, np.ndarray]) -> None:
-    """Create a unit's arrays and write each whole (so only whole chunks are written), replacing any earlier attempt."""
+def write_unit(root: zarr.Group, unit: Unit, specs: dict[str, ArraySpec],
+               data: dict[str, np.ndarray]) -> dict[str, str]:
+    """Create a unit's arrays and write each whole (so only whole chunks are written), replacing any earlier attempt.
+    Returns {array: array_digest} of exactly what was written, for the unit's status."""
     if set(data) != set(specs):
         raise ValueError(f"unit {unit.name}: arrays {sorted(data)} do not match the schema {sorted(specs)}")
     rows = {len(v) for v in data.values()}
@@ -271,31 +281,65 @@ def write_unit(root: zarr.Group, unit: Unit, specs: dict[str, ArraySpec], data: 
         raise ValueError(f"unit {unit.name}: arrays have different row counts {rows}")
     (n,) = rows
     group = root.create_group(unit.data_path, overwrite=True)
+    digests = {}
     for name, spec in specs.items():
         values = data[name]
         shape = (n, *spec.inner)
         if values.shape != shape:
             raise ValueError(f"unit {unit.name}: array {name} has shape {values.shape}, schema wants {shape}")
-        _write_whole(group, name, values, dtype=spec.dtype, chunks=(chunk_rows(spec, n), *spec.inner),
-                     fill=spec.fill)
+        digests[name] = _write_whole(group, name, values, dtype=spec.dtype, chunks=(chunk_rows(spec, n), *spec.inner),
+                                     fill=spec.fill)
+    return digests
 
 
-def _write_whole(group: zarr.Group, name: str, values: np.ndarray, *, dtype, chunks, fill) -> None:
-    # write_empty_chunks: every chunk exists on disk even when it equals the fill value, so `verify` can require
-    # every expected chunk (a missing chunk otherwise reads back as fill values without error).
+def stored_values(values: np.ndarray, dtype) -> np.ndarray:
+    """`values` as the array will hold them: cast to its dtype (numbers), or to numpy's variable-length strings
+    (`str` arrays; unlike a fixed-width `astype(str)`, which drops trailing NUL characters, they keep every one)."""
+    if dtype is str:
+        return np.asarray(values, dtype=np.dtypes.StringDType())
+    return np.asarray(values, dtype=dtype)
+
+
+def array_digest(values: np.ndarray) -> str:
+    """A sha256 of an array's content as a reader gets it back: its dtype and shape, then its elements in C order
+    (little-endian); strings (any numpy string dtype) as their UTF-8 lengths, then their UTF-8 bytes."""
+    h = hashlib.sha256()
+    if values.dtype.kind in "OTU":
+        texts = [t.encode("utf-8", "surrogatepass") for t in values.ravel().tolist()]
+        h.update(f"str{values.shape}".encode())
+        h.update(np.array([len(t) for t in texts], dtype="<i8").tobytes())
+        h.update(b"".join(texts))
+    else:
+        v = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+        h.update(f"{v.dtype.str}{v.shape}".encode())
+        h.update(v.reshape(-1).view(np.uint8))
+    return "sha256:" + h.hexdigest()
+
+
+def _write_whole(group: zarr.Group, name: str, values: np.ndarray, *, dtype, chunks, fill) -> str:
+    """Write one array whole; returns the array_digest of what was written."""
+    # write_empty_chunks: every chunk exists on disk even when it equals the fill value, so a missing chunk is always
+    # an error (`verify` and the reader require every expected chunk; zarr would read it back as fill values).
+    stored = stored_values(values, dtype)
     arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=chunks, fill_value=fill,
                              compressors=compressors(), overwrite=True, config={"write_empty_chunks": True})
     if values.size:
-        arr[...] = values.astype(str) if dtype is str else values
+        arr[...] = stored
+    return array_digest(stored)
 
 
 def write_vocab(root: zarr.Group, *, classes: list[str], templates: list[str], head: np.ndarray,
                 attributes: dict) -> None:
-    """The class vocabulary, templates and the teacher's zero-shot head [C, D] (template-averaged, normalised)."""
+    """The class vocabulary, templates and the teacher's zero-shot head [C, D] (template-averaged, normalised); the
+    group's attributes record the arrays' digests once they are written."""
     g = root.create_group(VOCAB, overwrite=True, attributes=attributes)
+    digests = {}
     for name, values in (("classes", classes), ("templates", templates)):
-        _write_whole(g, name, np.asarray(values, dtype=object), dtype=str, chunks=(max(1, len(values)),), fill="")
-    _write_whole(g, "head", np.asarray(head, np.float32), dtype="float32", chunks=head.shape, fill=NAN)
+        digests[name] = _write_whole(g, name, np.asarray(values, dtype=object), dtype=str,
+                                     chunks=(max(1, len(values)),), fill="")
+    digests["head"] = _write_whole(g, "head", np.asarray(head, np.float32), dtype="float32", chunks=head.shape,
+                                   fill=NAN)
+    g.update_attributes({DIGEST_KEY: digests})
 
 
 def list_keys(root: zarr.Group) -> list[str]:

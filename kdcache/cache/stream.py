@@ -27,7 +27,7 @@ from kdcache.augment import (
 from kdcache.cache.config import BuildConfig, BuildError, view_policy
 from kdcache.cache.schema import Unit
 from kdcache.shards import Reject, RejectError, ShardReport, iter_shard, parse_sample
-from kdcache.views import eval_box, eval_transform_uint8
+from kdcache.views import eval_box, eval_transform_uint8, eval_view_problem
 
 
 @dataclass
@@ -45,6 +45,7 @@ class ShardMeta:
     rejects: list[Reject]
     report: ShardReport
     limited: bool
+    caption_truncated: np.ndarray | None = None  # bool [rows]: the row's caption was cut to MAX_CAPTION_CHARS
 
 
 @dataclass
@@ -90,6 +91,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         recent: dict[int, tuple] = {}  # position -> (image, records) of the last mix_window valid samples (partners)
         pending_pos, pending_view, pending_px = [], [], []
         limited = quota == 0  # --limit already reached: the shard is recorded as done with no rows
+        truncated = []
 
         def flush():
             b = Batch(unit, np.asarray(pending_pos, np.int64), np.asarray(pending_view, np.int64),
@@ -104,15 +106,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             keys.append(raw.key)
             try:
                 sample = parse_sample(raw, max_pixels=cfg.max_pixels, background=cfg.background)
+                why = eval_view_problem(*sample.image.size, self.preprocess, max_pixels=cfg.max_pixels)
+                if why is not None:
+                    raise RejectError("extreme_aspect", why)
             except RejectError as e:
                 rejects.append(Reject(raw.position, raw.key, e.reason, e.detail))
                 valid.append(False), labels.append(-1), captions.append(""), sizes.append((0, 0)), records.append(None)
+                truncated.append(False)
                 continue
             img, p = sample.image, raw.position
             w, h = img.size
             valid.append(True)
             labels.append(-1 if sample.label is None else int(sample.label))
             captions.append(sample.caption or "")
+            truncated.append(sample.caption_truncated)
             sizes.append((w, h))
             recs = [eval_record(eval_box(w, h, self.preprocess), policy)]
             pending_pos.append(p), pending_view.append(0), pending_px.append(eval_tf(img))
@@ -140,7 +147,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             unit=unit, rows=n, keys=keys, valid=np.asarray(valid, bool).reshape(n),
             labels=np.asarray(labels, np.int32).reshape(n), captions=captions,
             src_size=np.asarray(sizes, np.int32).reshape(n, 2), records=_record_arrays(records, policy, V),
-            rejects=rejects, report=report, limited=limited,
+            rejects=rejects, report=report, limited=limited, caption_truncated=np.asarray(truncated, bool).reshape(n),
         )
 
 

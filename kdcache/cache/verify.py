@@ -1,14 +1,14 @@
 """`kdcache verify` and `kdcache info`: trust a cache before training on it.
 
-verify: every expected chunk is present (zarr reads a deleted chunk back as fill values, silently), every chunk
-decodes (zstd checksums catch flipped bytes), row counts match each unit's status, embeddings of valid rows are finite
-and unit-norm, rows that are not valid are unwritten (NaN). int8 caches are checked after decoding, plus the codes
+verify: every array has the schema's shape and dtype and its status's row count, every expected chunk is present (zarr
+reads a deleted chunk back as fill values, silently), every chunk decodes (zstd checksums catch flipped bytes), every
+array equals the content digest its unit's status records (schema 1.4: catches a chunk copied from another unit, which
+checksums cannot), embeddings of valid rows are finite and unit-norm, rows that are not valid are unwritten (NaN). int8 caches are checked after decoding, plus the codes
 themselves: every valid vector has the quantiser's max |code| of 127, and unwritten rows are wholly INT8_UNWRITTEN.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +20,15 @@ from zarr.core.sync import sync
 
 from kdcache.augment import Policy
 from kdcache.cache import schema
-from kdcache.cache.reader import Cache, open_cache
+from kdcache.cache.reader import (
+    Cache,
+    CacheError,
+    ChunkError,
+    decode_whole,
+    expected_chunk_keys,
+    open_cache,
+    shape_problem,
+)
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit, list_keys
 
 # Tolerated |norm - 1| of a valid embedding, by stored dtype. fp16: each component rounds with relative error
@@ -39,6 +47,7 @@ NORM_TOL = {"float16": 2e-3, "float32": 1e-4, "int8": 1e-4}
 class VerifyReport:
     path: str
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # facts a user should know that are not problems
     checked_units: int = 0
     checked_chunks: int = 0
 
@@ -47,18 +56,11 @@ class VerifyReport:
         return not self.problems
 
 
-def unit_specs(cache: Cache, unit: Unit) -> dict[str, schema.ArraySpec]:
-    b = cache.attrs["build"]
-    if unit.kind == IMAGES:
-        return schema.image_arrays(views=b["views"], dim=cache.embed_dim, topk=b["topk"], embed_dtype=b["embed_dtype"],
-                                   tokens=b.get("tokens"), policy=cache.view_policy()[0], hints=b.get("hints"))
-    return schema.caption_arrays(dim=cache.embed_dim, embed_dtype=b["embed_dtype"], tokens=b.get("tokens"))
-
-
-def expected_chunk_keys(arr: zarr.Array, prefix: str) -> list[str]:
-    grid = [math.ceil(s / c) for s, c in zip(arr.shape, arr.chunks, strict=True)]
-    enc = arr.metadata.chunk_key_encoding
-    return [f"{prefix}/{enc.encode_chunk_key(idx)}" for idx in itertools.product(*(range(g) for g in grid))]
+def no_digests_note(without: int, units: int) -> str:
+    """The line `verify` and `info` print for units whose status records no content digests."""
+    return (f"{without} of {units} units have no content digests (built before schema 1.4): a chunk copied from "
+            "another unit or rewritten in place cannot be detected there; rebuild with `kdcache build ... "
+            "--overwrite` to record them")
 
 
 def verify(path: str, *, progress: bool = True) -> VerifyReport:
@@ -74,61 +76,88 @@ def verify(path: str, *, progress: bool = True) -> VerifyReport:
                             f"{s.get('failed_units', [])}, not done: {s.get('missing_units', [])})")
     if schema.CAP_LOGITS in cache.capabilities:
         _check_vocab(cache, keys, rep)
+    without = 0
     for unit in tqdm(cache.all_units, desc="verify", unit="unit", disable=not progress):
-        st = cache.status(unit)
+        st = schema.read_status(cache.root, unit)
         if st is None:
-            rep.problems.append(f"{unit.name} ({unit.source}): no status object (unit not done)")
+            rep.problems.append(f"{unit.name} ({unit.source}): no status object (unit not done, or its status was "
+                                "deleted); rerun the same `kdcache build` with --resume to build it")
             continue
         rep.checked_units += 1
+        without += schema.DIGEST_KEY not in st
         _check_unit(cache, unit, st, keys, rep)
+    if without:
+        rep.notes.append(no_digests_note(without, rep.checked_units))
     return rep
 
 
-def _check_vocab(cache: Cache, keys: set[str], rep: VerifyReport) -> None:
-    g = cache.root[schema.VOCAB]
-    for name in ("classes", "templates", "head"):
-        arr = g[name]
-        for k in expected_chunk_keys(arr, f"{schema.VOCAB}/{name}"):
-            if k not in keys:
-                rep.problems.append(f"array {schema.VOCAB}/{name}: chunk {k} is missing from the store")
+def _read_checked(group: zarr.Group, name: str, prefix: str, *, where: str, keys: set[str], rep: VerifyReport,
+                  digests: dict | None, spec: schema.ArraySpec | None = None,
+                  rows: int | None = None) -> np.ndarray | None:
+    """One array read whole, with a problem for each check it fails: present, shaped as the schema and its status
+    say, every chunk present and decodable, equal to its recorded digest. Its values when they can be checked
+    further (right shape, all chunks decoded), else None."""
     try:
-        head = g["head"][...]
-    except Exception as e:  # a checksum or codec failure
-        rep.problems.append(f"array {schema.VOCAB}/head: cannot be decoded ({type(e).__name__}: {e})")
+        arr = group[name]
+    except Exception:  # absent, or a zarr.json that does not parse
+        rep.problems.append(f"{where}: array {prefix} is missing or its metadata is unreadable")
+        return None
+    bad_shape = shape_problem(arr, spec, rows)
+    if bad_shape:
+        rep.problems.append(f"{where}: array {prefix} {bad_shape}")
+    expected = expected_chunk_keys(arr, prefix)
+    missing = [k for k in expected if k not in keys]
+    for k in missing:
+        rep.problems.append(f"{where}: array {prefix}: chunk {k} is missing from the store")
+    rep.checked_chunks += len(expected)
+    if missing or bad_shape:
+        return None
+    try:
+        values = decode_whole(arr, prefix)
+    except ChunkError as e:
+        rep.problems.append(f"{where}: array {prefix}: {e}")
+        return None
+    if digests is not None:
+        if name not in digests:
+            rep.problems.append(f"{where}: array {prefix} has no content digest in the status")
+        elif schema.array_digest(values) != digests[name]:
+            rep.problems.append(f"{where}: array {prefix} does not match its content digest (a chunk was replaced, "
+                                "e.g. copied from another unit, or edited)")
+    return values
+
+
+def _check_vocab(cache: Cache, keys: set[str], rep: VerifyReport) -> None:
+    try:
+        g = cache.root[schema.VOCAB]
+    except Exception:
+        rep.problems.append(f"group {schema.VOCAB}: missing or unreadable, though the cache has logits")
         return
-    norms = np.linalg.norm(head, axis=1)
-    if not np.all(np.isfinite(head)) or np.any(np.abs(norms - 1) > 1e-4):
+    digests = dict(g.attrs).get(schema.DIGEST_KEY)
+    data = {name: _read_checked(g, name, f"{schema.VOCAB}/{name}", where="vocab", keys=keys, rep=rep,
+                                digests=digests) for name in ("classes", "templates", "head")}
+    head = data["head"]
+    if head is None:
+        return
+    norms = np.linalg.norm(head, axis=1) if head.ndim == 2 else np.zeros(0)
+    if head.ndim != 2 or not np.all(np.isfinite(head)) or np.any(np.abs(norms - 1) > 1e-4):
         rep.problems.append(f"array {schema.VOCAB}/head: rows are not finite unit vectors")
 
 
 def _check_unit(cache: Cache, unit: Unit, st: dict, keys: set[str], rep: VerifyReport) -> None:
     where = f"{unit.name} ({unit.source})"
-    specs = unit_specs(cache, unit)
+    specs = cache.unit_specs(unit)
     try:
         group = cache.root[unit.data_path]
-    except KeyError:
-        rep.problems.append(f"{where}: status says done but its group {unit.data_path} is missing")
+    except Exception:
+        rep.problems.append(f"{where}: status says done but its group {unit.data_path} is missing or unreadable")
         return
+    digests = st.get(schema.DIGEST_KEY)
     data = {}
-    for name in specs:
-        prefix = f"{unit.data_path}/{name}"
-        try:
-            arr = group[name]
-        except KeyError:
-            rep.problems.append(f"{where}: array {prefix} is missing")
-            continue
-        if arr.shape[0] != st["rows"]:
-            rep.problems.append(f"{where}: array {prefix} has {arr.shape[0]} rows, status says {st['rows']}")
-        missing = [k for k in expected_chunk_keys(arr, prefix) if k not in keys]
-        for k in missing:
-            rep.problems.append(f"{where}: array {prefix}: chunk {k} is missing from the store")
-        rep.checked_chunks += arr.nchunks
-        if missing:
-            continue
-        try:
-            data[name] = arr[...]
-        except Exception as e:  # checksum mismatch / corrupt zstd frame
-            rep.problems.append(f"{where}: array {prefix}: a chunk cannot be decoded ({type(e).__name__}: {e})")
+    for name, spec in specs.items():
+        values = _read_checked(group, name, f"{unit.data_path}/{name}", where=where, keys=keys, rep=rep,
+                               digests=digests, spec=spec, rows=int(st["rows"]))
+        if values is not None:
+            data[name] = values
     if "valid" not in data:
         return
     valid = data["valid"].astype(bool)
@@ -226,12 +255,21 @@ def raw_bytes(cache: Cache) -> int:
     """Bytes of everything the cache stores, uncompressed (strings as UTF-8), for the compression ratio."""
     total = 0
     for unit in cache.all_units:
-        if cache.status(unit) is None:
+        if schema.read_status(cache.root, unit) is None:
             continue
-        g = cache.root[unit.data_path]
-        for _, arr in g.arrays():
+        try:
+            g = cache.root[unit.data_path]
+        except Exception:
+            raise CacheError(f"{cache.path}: unit {unit.name}: its group {unit.data_path} is missing or unreadable; "
+                             f"run `kdcache verify {cache.path}`") from None
+        for name, arr in g.arrays():
             if arr.dtype.kind in "OTU" or str(arr.dtype).startswith("String") or arr.dtype == np.dtypes.StringDType():
-                total += sum(len(s.encode()) for s in arr[...].tolist())
+                try:
+                    texts = arr[...].tolist()
+                except Exception as e:
+                    raise CacheError(f"{cache.path}: unit {unit.name}: array {unit.data_path}/{name} cannot be read "
+                                     f"({type(e).__name__}); run `kdcache verify {cache.path}`") from None
+                total += sum(len(s.encode()) for s in texts)
             else:
                 total += int(np.prod(arr.shape)) * arr.dtype.itemsize
     return total
@@ -242,7 +280,7 @@ def info(path: str) -> dict:
     a = cache.attrs
     s = a.get("summary", {})
     units = cache.all_units
-    statuses = {u.name: cache.status(u) for u in units}
+    statuses = {u.name: schema.read_status(cache.root, u) for u in units}
     rejected = Counter()
     for st in statuses.values():
         if st:
@@ -282,6 +320,8 @@ def info(path: str) -> dict:
         "units": {"total": len(units), "done": sum(1 for st in statuses.values() if st and st["state"] == "done"),
                   "failed": [n for n, st in statuses.items() if st and st["state"] != "done"],
                   "missing": [n for n, st in statuses.items() if st is None]},
+        "content_digests": {"units": sum(1 for st in statuses.values() if st),
+                            "without": sum(1 for st in statuses.values() if st and schema.DIGEST_KEY not in st)},
         "rejected": dict(sorted(rejected.items())),
         "duplicate_keys": s.get("duplicate_keys", {"count": 0}),
         "bytes_on_disk": on_disk,
@@ -316,12 +356,15 @@ def format_info(d: dict) -> str:
         lines.append(f"classes     {c['count']} from {c['source']} ({c['templates']} templates): "
                      + ", ".join(c["first"]) + (", …" if c["count"] > 10 else ""))
     im, cp, u = d["images"], d["captions"], d["units"]
+    dg = d.get("content_digests") or {"units": 0, "without": 0}
     lines += [
         f"images      {im['samples']} samples in {im['shards']} shards ({im['labelled']} labelled, "
         f"{im['with_caption']} with a caption)",
         f"captions    {cp['rows']} rows from {cp['corpora']} corpora ({cp['blocks']} blocks)",
         f"units       {u['done']}/{u['total']} done" + (f"; FAILED {u['failed']}" if u["failed"] else "")
         + (f"; not done {u['missing'][:5]}" if u["missing"] else ""),
+        "digests     " + (no_digests_note(dg["without"], dg["units"]) if dg["without"] else
+                             f"sha256 of every array of all {dg['units']} written units (checked by verify and reads)"),
         "rejected    " + (", ".join(f"{k}={v}" for k, v in d["rejected"].items()) or "none"),
         f"duplicates  {d['duplicate_keys'].get('count', 0)} keys occur in more than one row (all rows kept)",
         f"size        {d['bytes_on_disk'] / 1e6:.2f} MB on disk, {d['bytes_raw'] / 1e6:.2f} MB raw "

@@ -8,15 +8,16 @@ marks the cache complete or incomplete.
 
 from __future__ import annotations
 
-import shutil
+import json
+import os
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import zarr
 
+from kdcache import location
 from kdcache.cache import schema
 from kdcache.cache.config import BuildError, BuildResult
 from kdcache.cache.schema import CAPTIONS, IMAGES, ArraySpec, Unit
@@ -31,9 +32,10 @@ if TYPE_CHECKING:
 
 def write_unit(root: zarr.Group, unit: Unit, specs: dict[str, ArraySpec], data: dict[str, np.ndarray],
                status: dict) -> None:
-    """A finished unit: its arrays first, then its status, so a status always describes data already written."""
-    schema.write_unit(root, unit, specs, data)
-    schema.write_status(root, unit, status)
+    """A finished unit: its arrays first, then its status, so a status always describes data already written. The
+    status records the digest of every array as written (schema.DIGEST_KEY), which `verify` and readers check."""
+    digests = schema.write_unit(root, unit, specs, data)
+    schema.write_status(root, unit, {**status, schema.DIGEST_KEY: digests})
 
 
 class UnitWriter:
@@ -64,23 +66,59 @@ class UnitWriter:
 
 # ----------------------------------------------------------------------------------------------------------- store
 
+def check_out_path(path: str) -> None:
+    """Refuse an --out that is an existing file (or lies below one), or a URL with credentials, before anything else
+    happens (its lock goes next to it)."""
+    if location.is_url(location.check_location(path, "--out")):
+        return
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        if os.path.dirname(p) == p:
+            return
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        where = path if p == os.path.abspath(path) else f"{path} (its parent {p})"
+        raise BuildError(f"--out {where} is a file, not a folder: choose another --out for the cache")
+
+
 def cache_exists(path: str) -> bool:
-    """Whether --out already holds something (a local non-empty directory, or a zarr group at a URL)."""
-    if "://" not in path:
-        return Path(path).exists() and any(Path(path).iterdir())
-    try:
-        zarr.open_group(path, mode="r")
-        return True
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+    """Whether --out already holds something (a file, a non-empty directory, or objects under a URL)."""
+    return location.exists(path)
+
+
+def _store_files(path: str) -> dict[str, str]:
+    """Every file of the store at `path` (local or URL): relative name -> its full name for fsspec."""
+    import fsspec
+
+    fs, key = fsspec.core.url_to_fs(path)
+    key = key.rstrip("/")
+    return {f[len(key):].lstrip("/"): f for f in fs.find(key)}
+
+
+def interrupted_start(path: str) -> bool:
+    """Whether `path` holds only the first steps of a build killed before it recorded its root attributes: no
+    readable kdcache attributes, and nothing but the root's zarr.json, the vocabulary and zarr's temporary files.
+    (The build records its root attributes before it writes any unit, so such a store holds no cached data.)"""
+    import fsspec
+
+    files = _store_files(path)
+    if not files:
         return False
+    if "zarr.json" in files:
+        fs, _ = fsspec.core.url_to_fs(path)
+        try:
+            if schema.ROOT_ATTR in (json.loads(fs.cat_file(files["zarr.json"])).get("attributes") or {}):
+                return False
+        except (ValueError, AttributeError):
+            pass  # cut short while being written: no attributes were recorded
+    return all(f == "zarr.json" or f.startswith(f"{schema.VOCAB}/") or f.endswith(".partial") for f in files)
 
 
 def remove_cache(path: str) -> None:
-    """--overwrite: delete a local cache, refusing a directory that is not a zarr group."""
-    p = Path(path)
-    if not (p / "zarr.json").exists():
+    """--overwrite (and a --resume of an interrupted start): delete a cache, refusing a folder that is not one."""
+    if not (location.holds_zarr_group(path) or interrupted_start(path)):
         raise BuildError(f"--overwrite refused: {path} does not look like a zarr cache; remove it yourself")
-    shutil.rmtree(p)
+    location.remove(path)
 
 
 def create_cache(path: str, *, vocab: Vocab | None) -> zarr.Group:
@@ -99,7 +137,7 @@ def reopen_cache(path: str) -> tuple[zarr.Group, dict]:
     root = zarr.open_group(path, mode="r+")
     old = dict(root.attrs).get(schema.ROOT_ATTR)
     if not old:
-        raise BuildError(f"{path} is not a kdcache cache (no '{schema.ROOT_ATTR}' attributes)")
+        raise BuildError(f"{path} is not a kdcache cache (no '{schema.ROOT_ATTR}' attributes); --overwrite replaces it")
     major = int(str(old.get("schema_version", "0")).split(".")[0])
     if major != schema.SCHEMA_MAJOR:
         raise BuildError(f"{path} has schema {old.get('schema_version')}; this kdcache writes "
@@ -135,6 +173,7 @@ def consolidate(root: zarr.Group, units: list[Unit], *, started: float, counts_h
         totals[f"{u.kind}_valid"] += st["valid"]
         labels += st.get("labels", 0)
         captions += st.get("captions", 0)
+        totals["captions_truncated"] += st.get("captions_truncated", 0)
     dups = find_duplicate_keys(root, [u for u in units if u.kind == IMAGES])
     complete = not failed and not missing
     caps = set(attrs.get("capabilities", []))
@@ -146,7 +185,7 @@ def consolidate(root: zarr.Group, units: list[Unit], *, started: float, counts_h
     summary = {
         "images": totals[f"{IMAGES}_valid"], "image_rows": totals[f"{IMAGES}_rows"],
         "captions": totals[f"{CAPTIONS}_valid"], "caption_rows": totals[f"{CAPTIONS}_rows"],
-        "labelled_images": labels, "paired_captions": captions,
+        "labelled_images": labels, "paired_captions": captions, "captions_truncated": totals["captions_truncated"],
         "rejected": dict(sorted(rejected.items())), "failed_units": failed, "missing_units": missing,
         "duplicate_keys": dups,
     }
@@ -155,7 +194,7 @@ def consolidate(root: zarr.Group, units: list[Unit], *, started: float, counts_h
     attrs["run"] = {**attrs.get("run", {}), "finished": time.time(), "seconds": elapsed, "this_run": counts_here}
     root.attrs[schema.ROOT_ATTR] = attrs
     summary_run = {"seconds": round(elapsed, 2), **counts_here}
-    return BuildResult(str(root.store.root) if hasattr(root.store, "root") else str(root.store), attrs["status"],
+    return BuildResult(location.store_location(root.store), attrs["status"],
                        {**summary, "this_run": summary_run}, failed + missing)
 
 

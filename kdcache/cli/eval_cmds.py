@@ -26,9 +26,10 @@ from kdcache.cli.options import CONTEXT
 @options.classes("Class vocabulary for zeroshot: cifar10, cifar100, imagenet, or a file with one class per line "
                  "(index = .cls label).")
 @options.templates("Prompt templates for zeroshot: simple, openai, photo, or a file, one template per line.")
-@click.option("--cache", default=None, type=click.Path(exists=True),
+@click.option("--cache", default=None, metavar="CACHE",
               help="A kdcache cache: agreement with its cached teacher outputs when no teacher is among --model and "
-                   "the eval shards are the cache's; also where a run's cache is if it moved.")
+                   "the eval shards are the cache's; also where a run's cache is if it moved. A directory or an "
+                   "fsspec URL (s3://bucket/cache.zarr).")
 @options.pretrained("--pretrained of the teacher-form --model (open_clip tag or checkpoint file).")
 @options.allow_random_init("Accept a teacher-form model without weights (tests, the quickstart): its numbers are "
                            "meaningless.")
@@ -36,6 +37,10 @@ from kdcache.cli.options import CONTEXT
               help="Report directory: report.json, report.md; zeroshot adds per model a confusion-*.csv, a "
                    "confusion-*.png heatmap and a per-class-*.png (precision/recall/F1 bars).")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Evaluate only the first N usable samples.")
+@options.subset("test samples", note=" The rule of `kdcache train`, so a subset model is scored on the matching "
+                "subset of the test shards.",
+                labels_note=" Names are --classes names. zeroshot scores them among these classes only; retrieval "
+                "takes ids (the .cls numbers).")
 @click.option("--batch-size", default=64, type=click.IntRange(1), help="Images per forward pass.")
 @options.device("cpu, cuda, cuda:1, ... (evaluation and timing).")
 @options.precision("Autocast precision (CUDA only; CPU runs fp32).")
@@ -60,7 +65,7 @@ def eval_cmd(**kw) -> None:
     from kdcache.eval.tasks import get_task
 
     kw["progress"] = not kw.pop("no_progress")
-    cfg = EvalConfig(models=tuple(kw.pop("models")), data=tuple(kw.pop("data")), **kw)
+    cfg = EvalConfig(models=tuple(kw.pop("models")), data=tuple(kw.pop("data")), subset=options.subset_from(kw), **kw)
     try:
         report = run(cfg)
     except (EvalError, ModelError) as e:

@@ -19,6 +19,9 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kdcache").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Object-store clients log signed request headers at DEBUG (botocore: the access key id): never, even with -v.
+    for name in ("botocore", "aiobotocore", "s3fs", "urllib3"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 @click.group(context_settings=CONTEXT)
@@ -47,7 +50,9 @@ def cli(verbose: bool) -> None:
 @options.pretrained("open_clip pretrained tag, or a local .pt/.bin/.safetensors checkpoint (built-in names and JSON).")
 @options.allow_random_init("Accept a teacher whose weights were not loaded (tests, benchmarks). Its outputs are "
                            "meaningless.")
-@click.option("--out", required=True, type=click.Path(), help="Cache directory to write (a zarr v3 group).")
+@click.option("--out", required=True, metavar="CACHE",
+              help="Cache to write (a zarr v3 group): a directory or an fsspec URL (s3://bucket/cache.zarr, "
+                   "memory://...); object-store credentials come from the environment, never the URL.")
 @click.option("--views", default=1, type=click.IntRange(1),
               help="Views per image. View 0 is the teacher's eval transform; views 1..K-1 are random-resized-crop + "
                    "flip, keyed by (seed, shard, position, view) and stored so students can replay them exactly.")
@@ -157,10 +162,13 @@ def pack_cmd(folder: str, out: str, shard_size: int, captions_from_class: str | 
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("cache", type=click.Path(exists=True))
+@click.argument("cache", metavar="CACHE")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def info(cache: str, as_json: bool) -> None:
-    """Describe a cache: teacher, counts, views, classes, size, compression, status, rejects, duplicate keys."""
+    """Describe a cache: teacher, counts, views, classes, size, compression, status, rejects, duplicate keys.
+
+    CACHE is a directory or an fsspec URL (s3://bucket/cache.zarr).
+    """
     from kdcache.cache.reader import CacheError
     from kdcache.cache.verify import format_info
     from kdcache.cache.verify import info as cache_info
@@ -173,12 +181,13 @@ def info(cache: str, as_json: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("cache", type=click.Path(exists=True))
+@click.argument("cache", metavar="CACHE")
 @options.no_progress()
 def verify(cache: str, no_progress: bool) -> None:
     """Check every chunk of a cache: present, decodable (checksums), row counts, finite unit-norm embeddings.
 
-    Exits non-zero naming the array, chunk and shard of every problem.
+    Exits non-zero naming the array, chunk and shard of every problem. CACHE is a directory or an fsspec URL
+    (s3://bucket/cache.zarr): on an object store too, every chunk must exist as an object.
     """
     from kdcache.cache.reader import CacheError
     from kdcache.cache.verify import verify as run_verify
@@ -189,6 +198,8 @@ def verify(cache: str, no_progress: bool) -> None:
         raise click.ClickException(str(e)) from None
     for p in rep.problems:
         click.echo(f"PROBLEM {p}", err=True)
+    for n in rep.notes:
+        click.echo(f"NOTE {n}")
     click.echo(f"verified {rep.checked_units} units, {rep.checked_chunks} chunks: "
                + ("OK" if rep.ok else f"{len(rep.problems)} problem(s)"))
     if not rep.ok:
@@ -233,7 +244,7 @@ def layers(teacher: str | None, student: str | None, pretrained: str | None, poo
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("cache", type=click.Path(exists=True))
+@click.argument("cache", metavar="CACHE")
 @click.option("--key", required=True, help="The sample's __key__ (as in its shard).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
               help="PNG to write. [default: views-KEY.png]")
@@ -254,27 +265,33 @@ def show(cache: str, key: str, out: str | None, images: tuple[str, ...]) -> None
 
 
 @cli.command(context_settings=CONTEXT)
-@click.option("--cache", required=True, type=click.Path(exists=True), help="The teacher cache (from kdcache build).")
+@click.option("--cache", required=True, metavar="CACHE",
+              help="The teacher cache (from kdcache build): a directory or an fsspec URL (s3://bucket/cache.zarr).")
 @options.tower("Which student tower to train.")
 @click.option("--student", required=True, metavar="NAME|CONFIG.json",
               help="kdcache student (kdc-seed-image-vit, kdc-seed-text, kdc-tiny-image, kdc-tiny-text), any open_clip "
                    "model name, or an open_clip model-config JSON. Random init unless --student-pretrained.")
 @click.option("--student-pretrained", default=None, metavar="TAG|PATH", help="Initial weights for the student.")
-@click.option("--out", required=True, type=click.Path(), help="Run directory (config, metrics, checkpoints).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Run directory (config, metrics, checkpoints): a local path; object-store URLs are refused.")
 @click.option("--loss", "losses", multiple=True, metavar="NAME=WEIGHT",
               help="Loss terms (repeatable), e.g. --loss l1=0.6 --loss ce=0.35 --loss kl=0.05, or a preset "
                    "(--loss seed001). Image: kl, ce, l1, mse, cosine, icl, affinity; text: l1, mse, cosine, icl, "
                    "affinity. [default: a label-free default per tower]")
-@click.option("--temperature", default=2.0, type=click.FloatRange(min=0, min_open=True),
+@click.option("--temperature", default=2.0, type=options.finite(0, min_open=True),
               help="KD temperature T for kl (scaled by T^2) and affinity.")
 @click.option("--epochs", default=None, type=click.IntRange(1), help="Epochs [default: 1 unless --max-steps].")
 @click.option("--max-steps", default=None, type=click.IntRange(1), help="Optimizer steps (instead of --epochs).")
-@click.option("--batch-size", default=64, type=click.IntRange(1), help="Samples per micro-batch.")
+@click.option("--batch-size", default=64, type=click.IntRange(1),
+              help="Samples per micro-batch; under torchrun per rank (the global batch is ranks x this).")
 @click.option("--accum-steps", default=1, type=click.IntRange(1), help="Gradient accumulation micro-batches per step.")
-@click.option("--lr", default=5e-4, type=float, help="AdamW peak learning rate (linear warmup, cosine decay).")
-@click.option("--weight-decay", default=0.05, type=float, help="AdamW weight decay (not on biases and norms).")
+@click.option("--lr", default=5e-4, type=options.finite(0, min_open=True),
+              help="AdamW peak learning rate (linear warmup, cosine decay).")
+@click.option("--weight-decay", default=0.05, type=options.finite(0),
+              help="AdamW weight decay (not on biases and norms).")
 @click.option("--warmup-steps", default=None, type=click.IntRange(0), help="Warmup steps [default: 5% of steps].")
-@click.option("--grad-clip", default=1.0, type=float, help="Gradient norm clipping.")
+@click.option("--grad-clip", default=1.0, type=options.finite(0),
+              help="Clip the total gradient norm to this; 0 turns clipping off (the norm is still logged).")
 @options.device("cpu, cuda, cuda:1, ...")
 @options.precision("Autocast precision (CUDA only; CPU trains in fp32).")
 @click.option("--workers", default=0, type=click.IntRange(0),
@@ -283,7 +300,7 @@ def show(cache: str, key: str, out: str | None, images: tuple[str, ...]) -> None
 @click.option("--images", multiple=True, metavar="PATTERN",
               help="Where the cache's image shards are now, if they moved (same shards, same order).")
 @click.option("--seed", default=0, type=int, help="Seed of student init and data order.")
-@click.option("--val-fraction", default=0.05, type=click.FloatRange(0, 0.5),
+@click.option("--val-fraction", default=0.05, type=options.finite(0, 0.5),
               help="Fixed validation split, chosen by key hash.")
 @click.option("--buffer", default=2048, type=click.IntRange(1), help="In-memory shuffle buffer (rows).")
 @click.option("--hint-map", "hint_map", multiple=True, metavar="STUDENT_MODULE=TEACHER_HINT",
@@ -297,6 +314,14 @@ def show(cache: str, key: str, out: str | None, images: tuple[str, ...]) -> None
                    "augmentation; decoding is shared). --batch-size counts views and must be a multiple of M.")
 @click.option("--checkpoint-every", default=200, type=click.IntRange(1), help="Checkpoint every N steps (and at "
               "each epoch end).")
+@options.subset("rows", note=" Applied before the validation split. Text tower: a paired caption matches as its "
+                "image; a corpus record by key cap:CORPUS:INDEX and corpus file name.",
+                labels_note=" The cache's vocabulary (--classes of the build) names them; refused for rows without "
+                "labels (caption corpora).")
+@click.option("--max-skipped-steps", default=20, type=click.IntRange(0),
+              help="fp16 on CUDA: stop after more than this many consecutive steps the gradient scaler skips as "
+                   "non-finite (it skips some by design while it finds its scale). In fp32/bf16 a non-finite loss or "
+                   "gradient stops the run at once.")
 @click.option("--allow-incomplete", is_flag=True, help="Train on a cache whose build has failed or missing shards.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--report-to", default="none", metavar="TRACKERS",
@@ -345,7 +370,7 @@ def train(**kw) -> None:
         kw["hint_map"] = parse_hint_map(kw["hint_map"])
     except TrainError as e:
         raise click.BadParameter(str(e), param_hint="--hint-map") from None
-    cfg = TrainConfig(losses=losses, **kw)
+    cfg = TrainConfig(losses=losses, subset=options.subset_from(kw), **kw)
     # Every kdcache error a user can cause is a ValueError subclass (TrainError, CacheError, DataError, StudentError,
     # TeacherError, unknown or misapplied losses): shown as a message, not a traceback.
     errors: tuple[type[Exception], ...] = (TrainError, CacheError, DataError, ValueError, FileNotFoundError)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdcache.subset import Subset
+
 
 class EvalError(ValueError):
     """An evaluation that cannot run as asked; the message names the option."""
@@ -35,3 +37,4 @@ class EvalConfig:
     latency_repeats: int = 10
     latency_warmup: int = 2
     progress: bool = True
+    subset: Subset = Subset()                 # --include/--exclude/--labels (kdcache.subset): which samples count

@@ -3,7 +3,9 @@
     col = collect(models, urls, task=task, batch_size=64, limit=None, progress=False)
     torch.cat(col.image_emb[label])   # [N, D] in the order of col.keys
 
-Which samples are usable, and whether captions are embedded too, is the task's call (`kdcache.eval.tasks`).
+Which samples are usable, and whether captions are embedded too, is the task's call (`kdcache.eval.tasks`). A
+`kdcache.subset.Subset` (--include/--exclude/--labels, the rule `kdcache train` uses) drops samples first: by key and
+shard file name before a picture is decoded, by label after; they are counted in `filtered`, not in `skipped`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 from kdcache.eval.models import EvalModel
 from kdcache.shards import DEFAULT_MAX_PIXELS, RejectError, Sample, ShardReport, iter_shard, parse_sample
+from kdcache.subset import EVERYTHING, Subset, shard_name
 
 if TYPE_CHECKING:
     from kdcache.eval.tasks import Task
@@ -44,13 +47,19 @@ class Collected:
     skipped: Counter = field(default_factory=Counter)
     shard_errors: list[str] = field(default_factory=list)
     digests: dict[str, str] = field(default_factory=dict)   # sha256 of each shard read to its end
+    filtered: int = 0                                        # samples the subset left out
 
 
-def iter_samples(urls: Sequence[str], stats: Collected) -> Iterator[tuple[str, Sample]]:
-    """(url, decoded sample) over the shards in order; rejected samples and damaged shards are counted, not fatal."""
+def iter_samples(urls: Sequence[str], stats: Collected, subset: Subset = EVERYTHING) -> Iterator[tuple[str, Sample]]:
+    """(url, decoded sample) over the shards in order; rejected samples and damaged shards are counted, not fatal.
+    Samples `subset` leaves out by key or shard name are counted in `stats.filtered` and never decoded."""
     for url in urls:
         report = ShardReport(url)
+        name = shard_name(url)
         for raw in iter_shard(url, report):
+            if subset and not subset.keeps_name(key=raw.key, shard=name):
+                stats.filtered += 1
+                continue
             try:
                 yield url, parse_sample(raw, max_pixels=DEFAULT_MAX_PIXELS)
             except RejectError as e:
@@ -75,16 +84,20 @@ def _encode_batch(models: Sequence[EvalModel], batch: list[Sample], col: Collect
 
 
 def collect(models: Sequence[EvalModel], urls: Sequence[str], *, task: Task, batch_size: int, limit: int | None,
-            progress: bool) -> Collected:
-    """One pass over the shards: every model embeds every sample the task can use (and its caption, when the task
-    embeds text). Unusable samples are counted in `skipped` under the task's reason."""
+            progress: bool, subset: Subset = EVERYTHING) -> Collected:
+    """One pass over the shards: every model embeds every sample `subset` keeps (with resolved class ids) that the
+    task can use (and its caption, when the task embeds text). Unusable samples are counted in `skipped` under the
+    task's reason, samples the subset leaves out in `filtered`."""
     col = Collected()
     for m in models:
         col.image_emb[m.label], col.text_emb[m.label] = [], []
     batch: list[Sample] = []
     bar = tqdm(total=limit, desc=f"eval {task.name}", unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        for url, s in iter_samples(urls, col):
+        for url, s in iter_samples(urls, col, subset):
+            if subset.labels and not subset.keeps(key=s.key, shard=shard_name(url), label=s.label):
+                col.filtered += 1
+                continue
             reason = task.skip_reason(s, url)
             if reason is not None:
                 col.skipped[reason] += 1

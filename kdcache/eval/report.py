@@ -120,6 +120,8 @@ def render_markdown(report: dict, task: Task) -> str:
     skipped = ", ".join(f"{k} {v}" for k, v in {**d["rejected"], **d["skipped"]}.items()) or "none"
     out.append(f"- data: {', '.join(d['patterns'])} — {d['shards']} shard(s), **{d['samples']} samples** "
                f"(rejected/skipped: {skipped}{'; --limit ' + str(d['limit']) if d['limit'] else ''})")
+    if d.get("subset"):
+        out.append(f"- subset: {d['subset']['described']} ({d['subset']['filtered_out']} samples left out)")
     out.append(task.summary_line(report))
     t = report.get("teacher")
     out.append(f"- teacher: {t if t else 'none among the models'}")

@@ -177,6 +177,8 @@ def run(cfg: EvalConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     try:
         task.load(cfg)
+        vocab = task.vocabulary()
+        subset = cfg.subset.resolve(vocab, where="--classes" if vocab is not None else f"--task {task.name}")
         urls = expand_urls(cfg.data)
     except (ValueError, FileNotFoundError) as e:
         raise EvalError(str(e)) from None
@@ -195,12 +197,18 @@ def run(cfg: EvalConfig) -> dict:
             raise EvalError(f"--cache: {e}") from None
     teacher, notes = pick_teacher(models, cache_teacher)
 
+    if subset.labels:
+        task.restrict_labels(subset.label_ids)
     # Everything that can fail on a model fails here, before the data pass.
     notes += task.prepare(models)
 
     t0 = time.perf_counter()
-    col = collect(models, urls, task=task, batch_size=cfg.batch_size, limit=cfg.limit, progress=cfg.progress)
+    col = collect(models, urls, task=task, batch_size=cfg.batch_size, limit=cfg.limit, progress=cfg.progress,
+                  subset=subset)
     n = len(col.keys)
+    if n == 0 and subset:
+        raise EvalError(f"the filter {subset.describe(vocab)} keeps no usable samples of --data (it left out "
+                        f"{col.filtered}; rejected {dict(col.rejected)}, skipped {dict(col.skipped)})")
     if n == 0:
         raise EvalError(f"no usable samples in --data for --task {task.name}: it needs {task.needs}; "
                         f"rejected {dict(col.rejected)}, skipped {dict(col.skipped)}")
@@ -244,7 +252,9 @@ def run(cfg: EvalConfig) -> dict:
         "config": asdict(cfg),
         "data": {"patterns": list(cfg.data), "shards": len(urls), "samples": n, "limit": cfg.limit,
                  "rejected": dict(col.rejected), "skipped": dict(col.skipped), "shard_errors": col.shard_errors,
-                 "fingerprint": data_fingerprint(col), "seconds": data_s},
+                 "fingerprint": data_fingerprint(col), "seconds": data_s,
+                 **({"subset": {"filter": subset.to_json(), "described": subset.describe(vocab),
+                                "filtered_out": col.filtered}} if subset else {})},
         "teacher": teacher.label if teacher else None,
         "agreement": agreement, "timing": timings.conditions, "notes": notes,
         "models": [{**m.describe(), "metrics": per_model[m.label], "latency": timings.per_model[m.label],

@@ -79,6 +79,15 @@ class Task(ABC):
         """Read what the task needs besides the shards; ValueError/FileNotFoundError for a bad option value."""
         return None  # an optional hook: most tasks need nothing but the shards
 
+    def vocabulary(self) -> list[str] | None:
+        """The class names that --labels names resolve against (after `load`); None: ids only."""
+        return None
+
+    def restrict_labels(self, ids: Sequence[int]) -> None:
+        """--labels: only samples of these class ids are evaluated (the data pass drops the others); a task may also
+        narrow what it scores among."""
+        return None  # an optional hook: dropping the other samples is all most tasks need
+
     @abstractmethod
     def prepare(self, models: Sequence[EvalModel]) -> list[str]:
         """Everything that can fail on a model, done before the data pass; returns notes for the report."""
@@ -127,7 +136,9 @@ class Task(ABC):
 @register_task
 class ZeroShot(Task):
     """Zero-shot classification: a class head from the class names and prompt templates; top-1/top-5, P/R/F1,
-    confusion matrices."""
+    confusion matrices. With --labels, only those classes' samples are scored, among those classes alone: the head
+    is their rows of the full vocabulary's head, and labels are renumbered in that order (0..k-1), exactly as an eval
+    of a test set holding only those samples with a --classes file of those names."""
 
     name = "zeroshot"
     data_kind = "labelled"
@@ -147,6 +158,8 @@ class ZeroShot(Task):
         self.templates: list[str] = []
         self.classes_source = self.templates_source = ""
         self.heads: dict[str, torch.Tensor] = {}     # per model label: [C, D] class embeddings
+        self.vocab: list[str] = []                   # all of --classes (.cls labels index it)
+        self.class_ids: list[int] | None = None      # --labels: the vocabulary ids scored, in order; None: all
 
     def check(self, cfg: EvalConfig) -> None:
         if not cfg.classes:
@@ -157,12 +170,29 @@ class ZeroShot(Task):
         from kdcache.vocab import load_classes, load_templates  # imports open_clip: only when a vocabulary is needed
 
         self.classes, self.classes_source = load_classes(cfg.classes)
+        self.vocab = list(self.classes)
         self.templates, self.templates_source = load_templates(cfg.templates, classes_spec=cfg.classes)
+
+    def vocabulary(self) -> list[str] | None:
+        return self.vocab
+
+    def restrict_labels(self, ids: Sequence[int]) -> None:
+        self.class_ids = list(ids)
+        self.classes = [self.vocab[i] for i in ids]
+
+    def _labels(self, col: Collected) -> list[int]:
+        """The samples' labels as indices of the scored classes."""
+        if self.class_ids is None:
+            return list(col.labels)
+        index = {c: i for i, c in enumerate(self.class_ids)}
+        return [index[label] for label in col.labels]
 
     def prepare(self, models: Sequence[EvalModel]) -> list[str]:
         notes = []
         for m in models:
-            self.heads[m.label] = m.zero_shot_head(self.classes, self.templates)
+            # the full vocabulary's head (a run's head is its cache's, for that vocabulary only), narrowed by --labels
+            head = m.zero_shot_head(self.vocab, self.templates)
+            self.heads[m.label] = head if self.class_ids is None else head[self.class_ids]
             cached = m.provenance.get("cache_templates")
             if cached is not None and list(cached) != list(self.templates):
                 notes.append(f"{m.label}: a run's class head is its cache's, built with the cache's "
@@ -172,14 +202,14 @@ class ZeroShot(Task):
     def skip_reason(self, sample: Sample, url: str) -> str | None:
         if sample.label is None:
             return "no_label"
-        if sample.label >= len(self.classes):
-            raise EvalError(f"sample {sample.key!r} of {url} has label {sample.label}, outside the {len(self.classes)} "
+        if sample.label >= len(self.vocab):
+            raise EvalError(f"sample {sample.key!r} of {url} has label {sample.label}, outside the {len(self.vocab)} "
                             "classes of --classes: the vocabulary does not fit these shards")
         return None
 
     def evaluate(self, model: EvalModel, col: Collected, *, index: int, out_dir: Path) -> tuple[dict, dict]:
         img = torch.cat(col.image_emb[model.label])
-        labels = torch.tensor(col.labels)
+        labels = torch.tensor(self._labels(col), dtype=torch.int64)
         logits = M.class_logits(img, self.heads[model.label], logit_scale=model.logit_scale)
         n_classes = len(self.classes)
         rep = M.classification_report(logits.argmax(1), labels, num_classes=n_classes)
@@ -203,19 +233,23 @@ class ZeroShot(Task):
         if "logits" not in cache.capabilities:
             return "the cache has no class head (built without --classes): cosine only"
         cache_classes, _, head = cache.vocab()
-        if list(cache_classes) != list(self.classes):
+        if list(cache_classes) != list(self.vocab):
             return "the cache's classes differ from --classes: class agreement and KL unavailable, cosine only"
+        head = head if self.class_ids is None else head[self.class_ids]
         ref["logits"] = M.class_logits(ref["image_emb"], head, logit_scale=cache.logit_scale)
         return ""
 
     def report_fields(self, col: Collected) -> dict:
-        return {"classes": {"names": self.classes, "source": self.classes_source},
+        return {"classes": {"names": self.classes, "source": self.classes_source,
+                            **({"vocabulary_ids": self.class_ids} if self.class_ids is not None else {})},
                 "templates": {"templates": self.templates, "source": self.templates_source},
-                "samples": {"keys": list(col.keys), "labels": list(col.labels)}}
+                "samples": {"keys": list(col.keys), "labels": self._labels(col)}}
 
     def summary_line(self, report: dict) -> str:
         c, t = report["classes"], report["templates"]
-        return f"- classes: {len(c['names'])} ({c['source']}); templates: {len(t['templates'])} ({t['source']})"
+        chosen = f", chosen by --labels (ids {c['vocabulary_ids']})" if "vocabulary_ids" in c else ""
+        return (f"- classes: {len(c['names'])} ({c['source']}{chosen}); templates: {len(t['templates'])} "
+                f"({t['source']})")
 
     def headline(self, metrics: dict) -> float:
         return metrics["top1"]

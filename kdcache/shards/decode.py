@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -20,6 +21,14 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample ha
 # Only formats a shard plausibly holds. Others (EPS runs Ghostscript, exotic plugins) are refused as undecodable.
 _FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG also opens MPO (camera) files
 _PIL_LIMIT_LOCK = threading.Lock()
+# Members parse_sample reads: a sample that has one of these only as a link or device cannot be read faithfully.
+_USED_EXTS = (*IMAGE_EXTS, "txt", "json", "cls")
+LABEL_MAX = 2**31 - 1  # the cache stores labels as int32
+# Captions longer than this many characters are cut to it (and counted as truncated in the unit's status): the text
+# encoder sees 77 tokens (a few hundred characters) anyway, and tokenising a megabyte of text takes about a second.
+MAX_CAPTION_CHARS = 4096
+_CAPTION_UNSAFE = re.compile("[\x00\ud800-\udfff]")
+_LABEL = re.compile(rb"\s*([+-]?[0-9]+)\s*")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Image shards: decoded samples
@@ -34,6 +43,7 @@ class Sample:
     image: Image.Image  # mode "RGB", fully loaded
     caption: str | None
     label: int | None
+    caption_truncated: bool = False  # the caption was cut to MAX_CAPTION_CHARS
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
@@ -130,6 +140,57 @@ def _text(data: bytes, ext: str) -> str:
         raise RejectError("bad_text" if ext == "txt" else "bad_json", f".{ext} is not UTF-8: {e}") from None
 
 
+def text_problem(text: str) -> str | None:
+    """Why `text` cannot be stored as UTF-8 text faithfully ("holds a NUL character at character 4"), or None."""
+    bad = _CAPTION_UNSAFE.search(text)
+    if bad is None:
+        return None
+    c = ord(bad.group())
+    what = "a NUL character" if c == 0 else f"a lone surrogate \\u{c:04x} (not a character: invalid UTF-16 in JSON)"
+    return f"holds {what} at character {bad.start()}"
+
+
+def check_caption(text: str, where: str) -> tuple[str, bool]:
+    """A caption as the cache can store it faithfully: (text, whether it was cut to MAX_CAPTION_CHARS). A NUL or a
+    lone surrogate (JSON's "\\ud800") cannot be stored as UTF-8 text (NUL would be dropped silently), so either
+    raises RejectError("bad_caption") naming `where`."""
+    why = text_problem(text)
+    if why:
+        raise RejectError("bad_caption", f"{where} {why}")
+    if len(text) > MAX_CAPTION_CHARS:
+        return text[:MAX_CAPTION_CHARS].rstrip(), True
+    return text, False
+
+
+def _label(data: bytes) -> int:
+    m = _LABEL.fullmatch(data)
+    if m is None:
+        raise RejectError("bad_label", f".cls is not an integer: {data[:40]!r}")
+    digits = m.group(1).lstrip(b"+-").lstrip(b"0")
+    if len(digits) > len(str(LABEL_MAX)):  # before int(): Python refuses to parse more than 4300 digits
+        raise RejectError("bad_label", f".cls {m.group(1)[:40]!r} does not fit the cache's int32 labels "
+                          f"(max {LABEL_MAX})")
+    label = int(m.group(1))
+    if label < 0:  # the cache stores -1 for "no label"; a negative class index is not a class
+        raise RejectError("bad_label", f".cls is negative: {label}")
+    if label > LABEL_MAX:
+        raise RejectError("bad_label", f".cls {label} does not fit the cache's int32 labels (max {LABEL_MAX})")
+    return label
+
+
+def _unreadable(raw: RawSample) -> None:
+    """Reject a sample that needs a member the stream cannot read (a link, a device, a FIFO)."""
+    for ext, what in raw.unreadable.items():
+        if ext not in _USED_EXTS:
+            continue  # not read by parse_sample, as an unknown regular member would not be
+        name = f"{raw.key}.{ext}"
+        if what.startswith(("a hard link", "a symbolic link")):
+            flag = "--hard-dereference" if what.startswith("a hard") else "--dereference"
+            raise RejectError("link_member", f"{name} is {what}; shards are read as a stream, which cannot follow "
+                              f"links: re-create the tar with `tar {flag}`")
+        raise RejectError("special_member", f"{name} is {what}, not a file")
+
+
 def parse_sample(raw: RawSample, *, max_pixels: int, background: tuple[int, int, int] = (255, 255, 255)) -> Sample:
     """Turn a raw sample into an RGB image, caption and label, or raise RejectError with the reason.
 
@@ -138,6 +199,10 @@ def parse_sample(raw: RawSample, *, max_pixels: int, background: tuple[int, int,
     m = raw.members
     if raw.problem == "split_sample":
         raise RejectError("split_sample", f"key {raw.key!r} reappears after other keys; its members are not adjacent")
+    if raw.bad_key:
+        raise RejectError("bad_key", f"the member names' key is not UTF-8 text (escaped: {raw.key!r}); rename the "
+                          "members with UTF-8 names")
+    _unreadable(raw)
     ext = next((e for e in IMAGE_EXTS if e in m), None)
     if ext is None:
         if raw.problem == "incomplete":
@@ -146,14 +211,7 @@ def parse_sample(raw: RawSample, *, max_pixels: int, background: tuple[int, int,
     if not m[ext]:
         raise RejectError("empty_image", f".{ext} has 0 bytes")
 
-    label = None
-    if "cls" in m:
-        try:
-            label = int(m["cls"].decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise RejectError("bad_label", f".cls is not an integer: {m['cls'][:40]!r}") from None
-        if label < 0:  # the cache stores -1 for "no label"; a negative class index is not a class
-            raise RejectError("bad_label", f".cls is negative: {label}")
+    label = _label(m["cls"]) if "cls" in m else None
 
     meta = None
     if "json" in m:
@@ -164,13 +222,14 @@ def parse_sample(raw: RawSample, *, max_pixels: int, background: tuple[int, int,
         if not isinstance(meta, dict):
             raise RejectError("bad_json", f".json is a {type(meta).__name__}, not an object")
 
-    caption = None
+    caption, truncated = None, False
     if "txt" in m:
-        caption = _text(m["txt"], "txt").strip() or None
-    if caption is None and meta is not None and isinstance(meta.get("caption"), str):
-        caption = meta["caption"].strip() or None
+        caption, truncated = check_caption(_text(m["txt"], "txt").strip(), ".txt")
+    if not caption and meta is not None and isinstance(meta.get("caption"), str):
+        caption, truncated = check_caption(meta["caption"].strip(), '.json "caption"')
 
     image = decode_image(m[ext], max_pixels=max_pixels, background=background)
-    return Sample(key=raw.key, position=raw.position, image=image, caption=caption, label=label)
+    return Sample(key=raw.key, position=raw.position, image=image, caption=caption or None, label=label,
+                  caption_truncated=truncated)
 
 

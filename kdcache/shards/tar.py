@@ -88,6 +88,10 @@ class RawSample:
     position: int  # 0-based, order of first appearance of the key in the tar
     members: dict[str, bytes] = field(default_factory=dict)
     problem: str | None = None  # None, "incomplete" (being read when the tar was cut) or "split_sample"
+    # Members that are not regular files (links, devices, FIFOs), by extension: what each is, e.g. "a hard link to
+    # x.jpg". They hold no bytes a stream can read; `parse_sample` rejects a sample that would need one.
+    unreadable: dict[str, str] = field(default_factory=dict)
+    bad_key: bool = False  # the key's bytes are not UTF-8 (or hold NUL): `key` shows them escaped, e.g. "a\\xff"
 
 
 @dataclass
@@ -208,6 +212,41 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
+_UNSAFE = re.compile("[\x00\ud800-\udfff]")
+
+
+def clean_name(name: str) -> tuple[str, bool]:
+    """A tar member name as text that can be stored: tarfile decodes non-UTF-8 bytes as lone surrogates
+    (surrogateescape), which no UTF-8 writer accepts. Returns (name with such bytes, and NUL, escaped as "\\xff",
+    whether anything was escaped); the mapping is deterministic, so the build and the student's loader agree."""
+    if not _UNSAFE.search(name):
+        return name, False
+
+    def esc(m: re.Match) -> str:
+        c = ord(m.group())
+        if 0xDC80 <= c <= 0xDCFF:  # the byte surrogateescape stood in for
+            return f"\\x{c - 0xDC00:02x}"
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    return _UNSAFE.sub(esc, name), True
+
+
+def _member_kind(info: tarfile.TarInfo) -> str | None:
+    """None for a regular file; otherwise what the member is, for a reject's detail."""
+    if info.isreg():
+        return None
+    if info.islnk():
+        return f"a hard link to {clean_name(info.linkname)[0]!r}"
+    if info.issym():
+        return f"a symbolic link to {clean_name(info.linkname)[0]!r}"
+    if info.ischr():
+        return "a character device"
+    if info.isblk():
+        return "a block device"
+    if info.isfifo():
+        return "a FIFO"
+    return f"a tar member of type {info.type!r}"
+
+
 @dataclass
 class _TarState:
     end: int = 0  # uncompressed offset just past the last member's (padded) data
@@ -215,8 +254,10 @@ class _TarState:
     cut_name: str | None = None  # the member whose data was being read at the cut, if the header was whole
 
 
-def _tar_members(tar: tarfile.TarFile, state: _TarState) -> Iterator[tuple[str, bytes]]:
-    """Regular, non-meta members as (name, bytes). Stops without raising at a cut and says why in `state`."""
+def _tar_members(tar: tarfile.TarFile, state: _TarState) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """Non-meta members except directories, as (name, bytes, None) for regular files and (name, None, what it is)
+    for the others (links, devices, FIFOs: a sample's key must not vanish because its member is one). Stops without
+    raising at a cut and says why in `state`."""
     while True:
         info = None
         try:
@@ -224,8 +265,9 @@ def _tar_members(tar: tarfile.TarFile, state: _TarState) -> Iterator[tuple[str, 
             if info is None:
                 return
             state.end = info.offset_data + _padded(info.size)
-            data = None
-            if info.isreg() and not _META.match(info.name):
+            data, kind = None, _member_kind(info)
+            keep = not info.isdir() and not _META.match(info.name)
+            if keep and kind is None:
                 data = tar.extractfile(info).read()
         except _DATA_ERRORS as e:
             state.cut = describe_error(e)
@@ -233,8 +275,8 @@ def _tar_members(tar: tarfile.TarFile, state: _TarState) -> Iterator[tuple[str, 
             return
         # Stream mode keeps every TarInfo it has seen; drop them so memory does not grow with the shard.
         tar.members = []
-        if data is not None:
-            yield info.name, data
+        if keep:
+            yield info.name, data, kind
 
 
 def iter_shard(url: str, report: ShardReport) -> Iterator[RawSample]:
@@ -277,40 +319,45 @@ def _shard_samples(raw: _HashingReader, report: ShardReport) -> Iterator[RawSamp
     seen: set[str] = set()
     key: str | None = None
     members: dict[str, bytes] = {}
+    unreadable: dict[str, str] = {}
     problem: str | None = None
     position = 0
 
     def emit(p: str | None) -> RawSample:
         nonlocal position
-        s = RawSample(key=key, position=position, members=members, problem=p)
+        clean, bad = clean_name(key)
+        s = RawSample(key=clean, position=position, members=members, problem=p, unreadable=unreadable, bad_key=bad)
         position += 1
         report.samples += 1
         return s
 
-    for name, data in _tar_members(tar, state):
+    for name, data, kind in _tar_members(tar, state):
         k, ext = base_plus_ext(name)
         if k is None:
             continue  # no extension: webdataset's grouping skips these too
-        ext = ext.lower()
+        ext = clean_name(ext.lower())[0]
         # A sample is a run of consecutive members with one key; a repeated extension also starts a new run.
-        if k != key or ext in members:
+        if k != key or ext in members or ext in unreadable:
             if key is not None:
                 yield emit(problem)
-            key, members = k, {}
+            key, members, unreadable = k, {}, {}
             problem = "split_sample" if k in seen else None
             seen.add(k)
-        members[ext] = data
+        if kind is None:
+            members[ext] = data
+        else:
+            unreadable[ext] = kind
 
     if state.cut is not None:
         report.truncated = True
         cut_key = base_plus_ext(state.cut_name)[0] if state.cut_name else None
         report.error = (f"truncated shard: {tail.error or state.cut}"
-                        + (f" (while reading {state.cut_name})" if cut_key else ""))
+                        + (f" (while reading {clean_name(state.cut_name)[0]})" if cut_key else ""))
         if cut_key is not None and cut_key != key:
             # The cut member starts a new sample, so the one before it is whole; record the cut one as incomplete.
             if key is not None:
                 yield emit(problem)
-            key, members = cut_key, {}
+            key, members, unreadable = cut_key, {}, {}
             problem = "split_sample" if cut_key in seen else None
         if key is not None:
             yield emit(problem or "incomplete")

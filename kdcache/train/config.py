@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
+
+from kdcache.subset import Subset
 
 # Settings that do not change the result: a --resume may change them.
 NON_IDENTITY = ("resume", "progress", "workers", "out", "images", "checkpoint_every", "allow_incomplete",
-                "report_to")
+                "report_to", "max_skipped_steps")
 
 
 class TrainError(ValueError):
@@ -46,6 +50,50 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     report_to: tuple[str, ...] = ()                # trackers besides metrics.jsonl/csv: tensorboard, wandb
+    subset: Subset = Subset()                      # --include/--exclude/--labels (kdcache.subset); labels as given
+    max_skipped_steps: int = 20                    # fp16 GradScaler: consecutive non-finite (skipped) steps allowed
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+
+
+# The ranges of TrainConfig's numbers, the same as the option types of `kdcache train` (kdcache/cli/main.py), so a
+# library caller is refused what the CLI refuses: (field, lowest, lowest allowed?, highest or None, what it is).
+FLOAT_RANGES = (
+    ("temperature", 0.0, False, None, "the KD temperature"),
+    ("lr", 0.0, False, None, "the peak learning rate"),
+    ("weight_decay", 0.0, True, None, "the AdamW weight decay"),
+    ("grad_clip", 0.0, True, None, "the max gradient norm, 0 = off"),
+    ("val_fraction", 0.0, True, 0.5, "the validation fraction"),
+)
+# (field, lowest); None is allowed where the field's default is None
+INT_MINIMA = (("epochs", 1), ("max_steps", 1), ("batch_size", 1), ("accum_steps", 1), ("warmup_steps", 0),
+              ("workers", 0), ("threads", 1), ("buffer", 1), ("views_per_sample", 1), ("checkpoint_every", 1),
+              ("max_skipped_steps", 0))
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Refuse (TrainError naming the option) a non-finite or out-of-range number: NaN or inf in a float option
+    would otherwise train to NaN weights."""
+    for name, lo, lo_ok, hi, what in FLOAT_RANGES:
+        v = getattr(cfg, name)
+        rng = f"{'>=' if lo_ok else '>'} {lo:g}" + ("" if hi is None else f" and <= {hi:g}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
+                or not (v >= lo if lo_ok else v > lo) or (hi is not None and v > hi):
+            raise TrainError(f"{_option(name)} ({what}) must be a finite number {rng}, got {v!r}")
+    for name, lo in INT_MINIMA:
+        v = getattr(cfg, name)
+        if v is None and getattr(TrainConfig, name) is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+            raise TrainError(f"{_option(name)} must be an integer >= {lo}, got {v!r}")
+    for name, w in cfg.losses:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not (math.isfinite(w) and w >= 0):
+            raise TrainError(f"--loss {name}={w!r}: a loss weight must be a finite number >= 0")
 
 
 @dataclass
@@ -57,7 +105,8 @@ class TrainResult:
 
 
 # Settings added after runs existed, left out of the identity at their default so those runs still resume.
-_ADDED_DEFAULTS = {"views_per_sample": 1, "hint_map": (), "hint_adapter": "linear"}
+_ADDED_DEFAULTS = {"views_per_sample": 1, "hint_map": (), "hint_adapter": "linear",
+                   "subset": {"include": (), "exclude": (), "labels": ()}}
 
 
 def identity(cfg: TrainConfig) -> dict:
@@ -66,4 +115,6 @@ def identity(cfg: TrainConfig) -> dict:
            if k not in NON_IDENTITY and not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
     if "hint_map" in out:  # as config.json holds it, so a --resume compares equal
         out["hint_map"] = [list(pair) for pair in out["hint_map"]]
+    if "subset" in out:  # as given; the loop records it with class names resolved to ids
+        out["subset"] = cfg.subset.to_json()
     return out

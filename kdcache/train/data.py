@@ -59,9 +59,13 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def __init__(self, spec: DataSpec, *, split: str, epoch: int, start_step: int = 0,
                  student_preprocess: dict | None = None, tokenizer: Callable | None = None,
-                 teacher_preprocess: dict | None = None, return_texts: bool = False):
+                 teacher_preprocess: dict | None = None, return_texts: bool = False, rank: int = 0, ranks: int = 1):
         super().__init__()
+        if not 0 <= rank < ranks:
+            raise DataError(f"rank {rank} is not in [0, ranks={ranks})")
         self.spec = spec
+        # DDP: this process's rank of `ranks`; it serves its slice of every global batch (`order.worker_batches`).
+        self.rank, self.ranks = rank, ranks
         # Which pass the stream serves: (split, epoch, start_step) in shared memory, so that `set_position` in the main
         # process reaches persistent DataLoader workers (forked once, see `EpochLoader`) before their next pass.
         self._position = torch.zeros(3, dtype=torch.int64).share_memory_()
@@ -97,11 +101,12 @@ class TrainStream(torch.utils.data.IterableDataset):
         """Batches this stream yields (after `start_step`); counting reads the cache's small arrays once per split."""
         split = self.split
         if split not in self._len:
-            rows = count_rows(self.spec, split)
-            b = self.spec.batch_size
-            # training steps see full batches; validation sees every row
-            self._len[split] = rows // b if split == "train" else -(-rows // b)
-        return max(0, self._len[split] - self.start_step)
+            self._len[split] = count_rows(self.spec, split)
+        rows, b = self._len[split], self.spec.batch_size
+        if split == "train":  # training steps see full global batches (ranks x batch_size rows)
+            return max(0, rows // (b * self.ranks) - self.start_step)
+        # validation sees every row: of its batch_size-row chunks, global batch g gives rank r chunk g * ranks + r
+        return len(range(self.start_step * self.ranks + self.rank, -(-rows // b), self.ranks))
 
     def order(self, split: str | None = None, epoch: int | None = None) -> Iterator[RawRow | tuple[CaptionBlock, int]]:
         """The rows of `split` and `epoch` (default: the stream's position) in batch order, unmaterialised: identical in
@@ -119,7 +124,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         # A training item is a sample with views_per_sample views, so a batch of batch_size views holds fewer items.
         size = self.spec.batch_size // (self.spec.views_per_sample if split == "train" else 1)
         for rows in worker_batches(self.order(split, epoch), size=size, keep_last=split != "train",
-                                   start=start, worker=worker, workers=workers):
+                                   start=start, worker=worker, workers=workers, rank=self.rank, ranks=self.ranks):
             yield self.rows.batch(rows)
 
     # The tower's own surface, for callers holding a stream (tests, bench/bench_read.py): the image tower's decoding
@@ -151,5 +156,15 @@ def count_rows(spec: DataSpec, split: str) -> int:
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     tower = ROWS[spec.tower]
-    samples = tower.count(tower.open(spec), split, spec.val_fraction)
+    samples = tower.count(tower.open(spec), split, spec.val_fraction, subset=spec.subset)
     return samples * spec.views_per_sample if split == "train" else samples
+
+
+def subset_rows(spec: DataSpec) -> dict[str, int]:
+    """Rows of each split that the spec's subset keeps (as `count_rows` counts them); a subset that keeps no row at
+    all is an error naming it."""
+    kept = {split: count_rows(spec, split) for split in SPLITS}
+    if not any(kept.values()):
+        raise DataError(f"the filter {spec.subset.describe()} keeps no {spec.tower}-tower rows of {spec.cache}: "
+                        "a pattern matches a whole __key__ or shard file name (glob), or anywhere in one (re:)")
+    return kept

@@ -6,8 +6,13 @@ The bottom of the data modules (order, rows, data, loader): they all import it, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kdcache.constants import TOWERS
+from kdcache.subset import Subset
+
+if TYPE_CHECKING:
+    from kdcache.train.cachepin import CachePin
 
 
 class DataError(ValueError):
@@ -29,6 +34,8 @@ class DataSpec:
     allow_incomplete: bool = False
     views_per_sample: int = 1      # image tower, training: M cached views of each decoded picture in the same batch
     hints: tuple[str, ...] = ()    # image tower: cached teacher hints (module paths) each batch carries as "hint:NAME"
+    subset: Subset = Subset()      # rows kept (kdcache.subset: --include/--exclude/--labels), before the split
+    pin: CachePin | None = None    # the units a run trains on (kdcache.train.cachepin); None: the cache as it is
 
     def __post_init__(self) -> None:
         if self.tower not in TOWERS:
@@ -46,5 +53,7 @@ class DataSpec:
         if self.batch_size % self.views_per_sample:
             raise DataError(f"batch_size {self.batch_size} must be a multiple of views_per_sample "
                             f"{self.views_per_sample} (a batch holds whole samples)")
+        if not isinstance(self.subset, Subset) or not self.subset.resolved:
+            raise DataError(f"subset must be a Subset with class ids, got {self.subset!r} (Subset.resolve names them)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"val_fraction must be in [0, 1), got {self.val_fraction}")

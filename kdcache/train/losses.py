@@ -9,14 +9,19 @@ Every term takes the same `LossInputs` (named tensors in) and returns a scalar; 
 "<name>_loss" and the weighted total as "loss" (named losses out). Each term declares the towers it applies to and the
 data it needs ("logits": the cached zero-shot head; "labels"; "pairs": teacher embeddings of the other modality), so a
 run can refuse an impossible combination before step 1.
+
+Under DDP (kdcache/train/ddp.py) each rank holds a slice of the global batch. Row-wise terms average over the slice and
+DDP averages their gradients; the terms whose rows see each other (in-batch negatives: `icl`, `affinity`) first gather
+every rank's rows through `LossInputs.gather` (the student's with their gradient, as open_clip does), so a run on N
+ranks of B rows computes them exactly as one process with N*B rows.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +44,9 @@ class LossInputs:
     has_other: torch.Tensor | None = None    # [B] bool
     # (student feature through its adapter [B, C], teacher hint [B, C]) per --hint-map pair
     hints: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    # DDP training: [B, ...] -> every rank's rows in rank order, keeping the gradient (`ddp.Ranks.gather`); None when
+    # this batch is the whole batch (one process, validation)
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class Loss:
@@ -79,6 +87,17 @@ def _zero(x: LossInputs) -> torch.Tensor:
 
 def _class_logits(x: LossInputs, emb: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
     return x.logit_scale * emb.to(head.dtype) @ head.T
+
+
+def _whole_batch(x: LossInputs, *fields: str) -> LossInputs:
+    """`x` with `fields` (and has_other) holding the global batch's rows, for terms whose rows see each other; the
+    other row tensors are dropped, as they no longer line up."""
+    if x.gather is None:
+        return x
+    rows = {f: None if getattr(x, f) is None else x.gather(getattr(x, f)) for f in fields}
+    has = None if x.has_other is None else x.gather(x.has_other.to(torch.uint8)).bool()
+    return replace(x, labels=None, hints=None, **{"other": None, "teacher": None, **rows}, has_other=has,
+                   gather=None)
 
 
 def _paired(x: LossInputs, name: str) -> torch.Tensor:
@@ -158,6 +177,7 @@ class ICLLoss(Loss):
     needs = ("pairs",)
 
     def __call__(self, x: LossInputs) -> torch.Tensor:
+        x = _whole_batch(x, "student", "other")
         rows = _paired(x, self.name)
         if not bool(rows.any()):
             return _zero(x)
@@ -175,6 +195,7 @@ class AffinityLoss(Loss):
     needs = ("pairs",)
 
     def __call__(self, x: LossInputs) -> torch.Tensor:
+        x = _whole_batch(x, "student", "teacher", "other")
         rows = _paired(x, self.name)
         if not bool(rows.any()):
             return _zero(x)

@@ -2,8 +2,8 @@
 
 Which split a row is in (`split_of`), which cached view a training sample shows (`choose_view`), the order of a pass's
 rows (`row_order`: a seeded unit permutation, then a seeded shuffle buffer) and which of its batches a worker makes
-(`worker_batches`). Every DataLoader worker computes the same order; hashes and seeds are independent of Python's hash
-randomisation and of the platform.
+(`worker_batches`, which also gives each DDP rank its slice of every batch). Every DataLoader worker and every rank
+computes the same order; hashes and seeds are independent of Python's hash randomisation and of the platform.
 """
 
 from __future__ import annotations
@@ -93,17 +93,26 @@ def row_order(units: Sequence[U], rows_of: Callable[[U], Iterable[T]], *, train:
 
 
 def worker_batches(rows: Iterable[T], *, size: int, keep_last: bool, start: int, worker: int,
-                   workers: int) -> Iterator[list[T]]:
-    """The batches of `size` rows, cut from the whole order, that `worker` of `workers` materialises: batch
-    b >= `start` goes to worker (b - start) % workers. DataLoader asks worker 0 first, then 1, ..., so the round-robin
-    merge of the workers' batches is batches start, start + 1, ... whatever the worker count. `keep_last`: also the
-    final, short batch (validation sees every row; training steps see full batches only)."""
+                   workers: int, rank: int = 0, ranks: int = 1) -> Iterator[list[T]]:
+    """The batches of `size` rows that `worker` of `workers` materialises for `rank` of `ranks` (DDP processes).
+
+    The whole order is cut into global batches of `ranks * size` rows; rank r's batch is rows [r*size, (r+1)*size)
+    of each, so the ranks' batches are disjoint and, concatenated in rank order, are the one-process batch of
+    `ranks * size` rows: the order stays a function of (seed, epoch, step) alone. Global batch b >= `start` goes to
+    worker (b - start) % workers. DataLoader asks worker 0 first, then 1, ..., so the round-robin merge of the workers'
+    batches is global batches start, start + 1, ... whatever the worker count. `keep_last`: also the final, short
+    global batch, whose rows go to the first ranks (validation sees every row exactly once across ranks; a rank whose
+    slice is empty gets no batch). Training steps see full batches only."""
+    if not 0 <= rank < ranks:
+        raise ValueError(f"rank {rank} is not in [0, {ranks})")
+    whole = size * ranks
+    lo, hi = rank * size, (rank + 1) * size
     b, batch = 0, []
     for row in rows:
         batch.append(row)
-        if len(batch) == size:
+        if len(batch) == whole:
             if b >= start and (b - start) % workers == worker:
-                yield batch
+                yield batch[lo:hi]
             b, batch = b + 1, []
-    if batch and keep_last and b >= start and (b - start) % workers == worker:
-        yield batch
+    if batch[lo:hi] and keep_last and b >= start and (b - start) % workers == worker:
+        yield batch[lo:hi]

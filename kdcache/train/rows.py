@@ -6,7 +6,11 @@ materialised (`batch`: the expensive part, done only by the batch's worker). `kd
 rows of every unit in the data order and cuts them into batches; it picks the class by tower name, in one dict.
 
 `in_split` is the one definition of a split: the stream filters each unit with it, and `count` (steps per epoch)
-applies it to the same small arrays without reading any tar.
+applies it to the same small arrays without reading any tar. It applies the spec's subset (`kdcache.subset`:
+--include/--exclude on `__key__` or shard file name, --labels) first, then the split by key hash, so the subset's
+rows are split as they would be in the whole cache. Image rows and paired captions match by their image's
+`__key__`, shard file name and label; caption-corpus records by their split key `cap:CORPUS:INDEX` and the corpus file
+name, and have no label (`check_subset` refuses --labels while corpus rows are read).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from kdcache.cache import schema
 from kdcache.cache.reader import Cache, CacheError, open_cache
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
 from kdcache.shards import RawSample, RejectError, ShardReport, iter_shard, parse_sample
+from kdcache.subset import Subset, shard_name
+from kdcache.train.cachepin import open_pinned
 from kdcache.train.dataspec import DataError, DataSpec
 from kdcache.train.order import caption_key, choose_view, choose_views, split_of
 from kdcache.views import eval_transform_uint8, size_hw
@@ -57,6 +63,19 @@ def _keyed(rows: np.ndarray, keys: np.ndarray, split: str, val_fraction: float) 
     return rows[[split_of(k, val_fraction) == split for k in keys[rows].tolist()]]
 
 
+def unit_name(unit: Unit) -> str:
+    """The file name a subset pattern matches for a unit's rows: the image shard's, or the caption corpus's (its
+    recorded source is "KIND:PATH")."""
+    return shard_name(unit.source.split(":", 1)[1] if unit.kind == CAPTIONS else unit.source)
+
+
+def _selected(a: dict[str, np.ndarray], unit: Unit, subset: Subset, keys: list[str] | np.ndarray) -> np.ndarray:
+    """The subset's mask over a unit's rows (all True without a filter)."""
+    if not subset:
+        return np.ones(len(keys), dtype=bool)
+    return subset.mask(keys, shard=unit_name(unit), labels=a.get("label") if subset.labels else None)
+
+
 class Rows(ABC, Generic[R]):
     """One tower's rows of a cache. Built by `TrainStream` with the cache it opened (via `open`) and its keyword
     options (student_preprocess, tokenizer, teacher_preprocess, return_texts; each class uses those it needs and
@@ -68,9 +87,21 @@ class Rows(ABC, Generic[R]):
     @classmethod
     def open(cls, spec: DataSpec) -> Cache:
         """The spec's cache, checked to hold what this tower reads (a bad spec fails before any worker starts)."""
-        cache = open_cache(spec.cache, allow_incomplete=spec.allow_incomplete)
+        if spec.pin is not None:  # a run's readers see the units it started with (kdcache.train.cachepin)
+            cache = open_pinned(spec.cache, spec.pin, allow_incomplete=spec.allow_incomplete)
+        else:
+            cache = open_cache(spec.cache, allow_incomplete=spec.allow_incomplete)
         cls.check(cache)
+        if spec.subset.labels:
+            cls.check_labels(cache, spec.subset)
         return cache
+
+    @classmethod
+    def check_labels(cls, cache: Cache, subset: Subset) -> None:
+        """Refuse (DataError) --labels where this tower's rows carry no labels."""
+        if schema.CAP_LABELS not in cache.capabilities:
+            raise DataError(f"--labels: {cache.path} has no labels (its shards had no .cls); filter with "
+                            "--include/--exclude instead")
 
     @classmethod
     @abstractmethod
@@ -84,13 +115,17 @@ class Rows(ABC, Generic[R]):
 
     @staticmethod
     @abstractmethod
-    def in_split(a: dict[str, np.ndarray], unit: Unit, split: str, val_fraction: float) -> np.ndarray:
-        """Indices (ascending) of the unit's rows that `split` holds, from its `split_arrays` read whole."""
+    def in_split(a: dict[str, np.ndarray], unit: Unit, split: str, val_fraction: float, *,
+                 subset: Subset) -> np.ndarray:
+        """Indices (ascending) of the unit's rows that `split` holds among those `subset` keeps, from its
+        `split_arrays` read whole (and "label", with --labels)."""
 
     @classmethod
-    def count(cls, cache: Cache, split: str, val_fraction: float) -> int:
-        """Rows of `split`, from the cache's small arrays alone (no tar is read)."""
-        return sum(len(cls.in_split(cache.read(u, cls.split_arrays[u.kind]), u, split, val_fraction))
+    def count(cls, cache: Cache, split: str, val_fraction: float, *, subset: Subset) -> int:
+        """Rows of `split` that `subset` keeps, from the cache's small arrays alone (no tar is read)."""
+        def arrays(u: Unit) -> tuple[str, ...]:
+            return cls.split_arrays[u.kind] + (("label",) if subset.labels and u.kind == IMAGES else ())
+        return sum(len(cls.in_split(cache.read(u, arrays(u)), u, split, val_fraction, subset=subset))
                    for u in cls.units(cache))
 
     @abstractmethod
@@ -189,8 +224,9 @@ class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
         return _usable_units(cache, IMAGES)
 
     @staticmethod
-    def in_split(a: dict[str, np.ndarray], unit: Unit, split: str, val_fraction: float) -> np.ndarray:
-        return _keyed(np.flatnonzero(a["valid"]), a["key"], split, val_fraction)
+    def in_split(a: dict[str, np.ndarray], unit: Unit, split: str, val_fraction: float, *,
+                 subset: Subset) -> np.ndarray:
+        return _keyed(np.flatnonzero(a["valid"] & _selected(a, unit, subset, a["key"])), a["key"], split, val_fraction)
 
     def unit_rows(self, cache: Cache, unit: Unit, *, split: str, epoch: int) -> Iterator[RawRow | tuple[RawRow, ...]]:
         """The shard's tar streamed in order and joined to the cache rows by position, checking every key."""
@@ -198,7 +234,9 @@ class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
                               *self.hint_arrays])
         rows = len(a["key"])
         keep = np.zeros(rows, dtype=bool)
-        keep[self.in_split(a, unit, split, self.spec.val_fraction)] = True
+        keep[self.in_split(a, unit, split, self.spec.val_fraction, subset=self.spec.subset)] = True
+        if self.spec.subset and not keep.any():  # a shard the subset leaves out is not read at all
+            return
         limited = bool((cache.status(unit) or {}).get("limited"))
         url = self.urls[unit.index]
         report = ShardReport(url=url)
@@ -378,14 +416,25 @@ class TextRows(Rows[tuple[CaptionBlock, int]]):
     def units(cls, cache: Cache) -> list[Unit]:
         return _usable_units(cache, IMAGES, captioned=True) + _usable_units(cache, CAPTIONS)
 
+    @classmethod
+    def check_labels(cls, cache: Cache, subset: Subset) -> None:
+        super().check_labels(cache, subset)
+        corpora = sorted({unit_name(u) for u in cls.units(cache) if u.kind == CAPTIONS
+                          and not subset.excludes_shard(unit_name(u))})
+        if corpora:
+            raise DataError(f"--labels: the text tower reads caption corpora {corpora}, whose rows have no labels; "
+                            "exclude them by file name (--exclude NAME) to train on the labelled paired captions")
+
     @staticmethod
-    def in_split(a: dict[str, np.ndarray], unit: Unit, split: str, val_fraction: float) -> np.ndarray:
+    def in_split(a: dict[str, np.ndarray], unit: Unit, split: str, val_fraction: float, *,
+                 subset: Subset) -> np.ndarray:
         if unit.kind == CAPTIONS:  # a corpus record is keyed by its address in the inputs
-            rows = np.flatnonzero(a["valid"])
-            return rows[[split_of(caption_key(unit.index, i), val_fraction) == split
-                         for i in a["index"][rows].tolist()]]
+            keys = [caption_key(unit.index, i) for i in a["index"].tolist()]
+            rows = np.flatnonzero(a["valid"] & _selected(a, unit, subset, keys))
+            return rows[[split_of(keys[r], val_fraction) == split for r in rows.tolist()]]
         # a paired caption by its image's __key__, so that a pair never straddles the split
-        return _keyed(np.flatnonzero(a["valid"] & (a["caption"] != "")), a["key"], split, val_fraction)
+        return _keyed(np.flatnonzero(a["valid"] & (a["caption"] != "") & _selected(a, unit, subset, a["key"])),
+                      a["key"], split, val_fraction)
 
     @property
     def _need_texts(self) -> bool:
@@ -401,7 +450,7 @@ class TextRows(Rows[tuple[CaptionBlock, int]]):
         reuse, texts = self.token_context is not None, self._need_texts
         a = cache.read(unit, [*self.split_arrays[CAPTIONS], "emb"] + (["tokens"] if reuse else [])
                        + (["text"] if texts else []))
-        rows = self.in_split(a, unit, split, self.spec.val_fraction)
+        rows = self.in_split(a, unit, split, self.spec.val_fraction, subset=self.spec.subset)
         return CaptionBlock(shard=-1, corpus=unit.index, position=a["index"][rows].astype(np.int64),
                             label=np.full(len(rows), -1, np.int64), texts=a["text"][rows].tolist() if texts else None,
                             teacher=a["emb"][rows], other=None, tokens=a["tokens"][rows] if reuse else None)
@@ -410,7 +459,7 @@ class TextRows(Rows[tuple[CaptionBlock, int]]):
         reuse, texts = self.token_context is not None, self._need_texts
         a = cache.read(unit, [*self.split_arrays[IMAGES], "label", "caption_emb", "emb"]
                        + (["caption_tokens"] if reuse else []))
-        rows = self.in_split(a, unit, split, self.spec.val_fraction)
+        rows = self.in_split(a, unit, split, self.spec.val_fraction, subset=self.spec.subset)
         return CaptionBlock(shard=unit.index, corpus=-1, position=rows.astype(np.int64),
                             label=a["label"][rows].astype(np.int64),
                             texts=a["caption"][rows].tolist() if texts else None, teacher=a["caption_emb"][rows],

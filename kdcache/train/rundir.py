@@ -8,23 +8,31 @@
     RUN/tensorboard/       with --report-to tensorboard: event files of the same rows (kdcache/train/tracking.py)
     RUN/wandb/             with --report-to wandb: W&B's files, and `kdcache-run-id`, the W&B run a --resume continues
 
-The training loop writes it; `kdcache export`, `kdcache eval` and `kdcache compare` read it through this module (never
-through the loop). No pickles: tensors are safetensors, the rest JSON.
+A run holds the directory's writer lock (`holding`: RUN.lock next to it, `kdcache.locks`) while it runs, and removes
+what a killed run left half written. The training loop writes it; `kdcache export`, `kdcache eval` and
+`kdcache compare` read it through this module (never through the loop). No pickles: tensors are safetensors, the rest
+JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from kdcache import locks
 from kdcache.train.config import TrainError
 from kdcache.train.students import Student, build_student
+
+log = logging.getLogger(__name__)
 
 DONE = "done.json"
 CONFIG = "config.json"
@@ -65,6 +73,51 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+@contextlib.contextmanager
+def holding(out: str, *, main: bool = True) -> Iterator[None]:
+    """The run directory's writer lock (`kdcache.locks`, `OUT.lock`) held around a run, taken by the process that
+    writes the run directory (`main`; under DDP rank 0) before it reads or writes anything there. Under the lock,
+    temporary files of a run killed while writing (a checkpoint, config.json, metrics.csv) are removed, with a log
+    line. An OSError while the run writes (disk full, ...) becomes a TrainError naming the path: the checkpoints
+    already written are kept and the run is resumable."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TrainError(f"--out {out} is a file, not a run directory: choose another --out")
+    lock = locks.WriterLock(out, what="run directory") if main and "://" not in out else None  # URLs: see the loop
+    if lock is not None:
+        try:
+            lock.acquire()
+        except locks.LockError as e:
+            raise TrainError(str(e)) from None
+    try:
+        if lock is not None and os.path.isdir(out):
+            for p in remove_interrupted_writes(Path(out)):
+                log.info("%s: removed %s, left by a run killed while writing it", out, p)
+        yield
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):  # a missing input (a shard moved): its own message names it
+            raise
+        raise TrainError(f"{e.filename or out}: {e.strerror or e}: the run stopped; its checkpoints are kept: fix "
+                         "this, then rerun with --resume") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def remove_interrupted_writes(run_dir: Path) -> list[str]:
+    """Delete the temporary files and folders a killed run left (`checkpoints/.step-N.tmp-PID/`, `.NAME.tmp-PID`);
+    their paths relative to `run_dir`. Only safe under the run directory's lock."""
+    found = []
+    for folder in (run_dir, run_dir / CHECKPOINTS):
+        if folder.is_dir():
+            found += [p for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return [p.relative_to(run_dir).as_posix() for p in found]
+
+
 def check_resume(run_dir: Path, *, resume: bool, fingerprint: str, resolved: dict) -> bool:
     """Whether `run_dir` holds an earlier run to continue. Refuses (TrainError, naming the field) an existing run
     without --resume, and a --resume whose cache fingerprint or result-determining config changed."""
@@ -76,6 +129,10 @@ def check_resume(run_dir: Path, *, resume: bool, fingerprint: str, resolved: dic
     if old["cache_fingerprint"] != fingerprint:
         raise TrainError(f"--resume refused: the cache changed (cache_fingerprint {old['cache_fingerprint']} "
                          f"-> {fingerprint})")
+    was, now = old["config"].get("world_size", 1), resolved.get("world_size", 1)
+    if was != now:  # DDP: the global batch, and so every step, depends on the number of ranks
+        raise TrainError(f"--resume refused: the run was trained on {was} rank(s) (world_size) and this launch has "
+                         f"{now}; resume with {was} (torchrun --nnodes x --nproc-per-node = {was})")
     changed = sorted(k for k in set(old["config"]) | set(resolved) if old["config"].get(k) != resolved.get(k))
     if changed:
         detail = ", ".join(f"{k}: {old['config'].get(k)!r} -> {resolved.get(k)!r}" for k in changed)
@@ -195,6 +252,19 @@ class Metrics:
 
     def close(self) -> None:
         self.fh.close()
+
+
+class NoMetrics:
+    """What a DDP rank other than 0 logs to: nothing (rank 0 holds the run's metrics, which are means over ranks)."""
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def write_csv(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def load_run_student(run_dir: str | Path, *, device: str = "cpu") -> tuple[Student, dict]:
