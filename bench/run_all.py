@@ -46,6 +46,7 @@ BENCHES = [
     ("memory", "bench_memory.py", []),                    # peak RSS of train ÷ student-only loop (item 6)
     ("bytes", "bench_bytes.py", []),                      # bytes per sample-view, lossy storage (item 5)
     ("views", "bench_views.py", []),                      # strong views: record bytes, build and loader cost: ~5 min
+    ("store", "bench_store.py", []),                      # train epoch from loopback S3 ÷ local disk: ~4 min
 ]
 
 # The issue's targets, listed for a bench whose JSON does not state its own.
@@ -60,6 +61,7 @@ ISSUE_TARGETS = {
               "lossy: ≤ 0.5× raw fp16 bytes with min cosine ≥ 0.999 and ≥ 99.5% top-1 agreement"],
     "memory": ["peak process-tree RSS of kdcache train ÷ student-only loop ≤ 1.2"],
     "scaling": ["(t(4N) − t(N)) ÷ (t(16N) − t(4N)) near 1/4 (linear)", "flat peak memory"],
+    "store": ["train epoch reading the cache from an S3 endpoint on loopback ÷ from local disk: reported (issue 13)"],
 }
 
 

@@ -350,13 +350,20 @@ def premix(img: PIL.Image.Image, rec: ViewRecord, *, size: tuple[int, int] | lis
     RGB) -> uint8 [3, h, w]. This is also what a partner contributes to a mixed view."""
     if len(rec.ops) != len(rec.mags):
         raise ValueError(f"record has {len(rec.ops)} ops but {len(rec.mags)} magnitudes")
-    x = render_view(img, rec.box, rec.flip, size=size, interpolation=interpolation)
+    return finish_view(render_view(img, rec.box, rec.flip, size=size, interpolation=interpolation), rec, fill=fill)
+
+
+def finish_view(x: torch.Tensor, rec: ViewRecord, *, fill: tuple[int, int, int]) -> torch.Tensor:
+    """`premix` after the crop + flip + resize: the record's RandAugment ops, then its erase, on uint8 [3, h, w] on
+    any device (the --decode gpu path renders the geometry on tensors, `kdcache.tensorviews`)."""
+    if len(rec.ops) != len(rec.mags):
+        raise ValueError(f"record has {len(rec.ops)} ops but {len(rec.mags)} magnitudes")
     for op, mag in zip(rec.ops, rec.mags, strict=True):
         x = apply_op(x, op, mag)
     if rec.erase is not None:
         x0, y0, x1, y1 = _frac_px(rec.erase, *x.shape[-2:])
         x = x.clone()
-        x[:, y0:y1, x0:x1] = torch.tensor(fill, dtype=torch.uint8)[:, None, None]
+        x[:, y0:y1, x0:x1] = torch.tensor(fill, dtype=torch.uint8, device=x.device)[:, None, None]
     return x
 
 

@@ -4,6 +4,7 @@ rank. CPU only (gloo), 1 thread per rank."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -104,6 +105,25 @@ def test_a_bad_distributed_setup_is_one_clear_error(monkeypatch):
         two.device("mps")
 
 
+def test_a_batchnorm_student_under_ddp_is_warned_about(tmp_path, caplog):
+    """BatchNorm normalises each rank's rows by their own statistics: 2 ranks of B are then not 1 process of 2B, and
+    the run says so (once, on rank 0); a student without BatchNorm trains silently."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for rank, net, warned in ((0, torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), True),
+                                  (1, torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)), False),
+                                  (0, torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)), False)):
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="kdcache.train.ddp"):
+                model = ddp.Ranks(rank=rank, world=2).wrap(net, torch.device("cpu"))
+            assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            assert ("1 BatchNorm layer(s)" in caplog.text) is warned, (rank, net, caplog.text)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_resume_with_another_world_size_is_refused_naming_it(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -170,9 +190,9 @@ def _final(run_dir) -> dict:
     return load_file(str(Path(run_dir) / "final" / "student.safetensors"))
 
 
-def _train_rows(run_dir) -> list[dict]:
+def _train_rows(run_dir, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "train"]
+            if r["kind"] == kind]
 
 
 @pytest.mark.slow
@@ -180,10 +200,10 @@ def _train_rows(run_dir) -> list[dict]:
                                           ("text", ("cosine=1", "icl=0.5", "affinity=0.5"))])
 def test_two_ranks_of_b_rows_equal_one_process_of_2b(cache, tmp_path, tower, losses):
     one = run(TrainConfig(cache=cache, tower=tower, student=STUDENTS[tower], out=str(tmp_path / "one"), max_steps=8,
-                          batch_size=8, threads=1, lr=5e-3, progress=False,
+                          batch_size=8, threads=1, lr=5e-3, progress=False, val_fraction=0.25,
                           losses=tuple((n, float(w)) for n, w in (x.split("=") for x in losses))))
     out = _torchrun_ok(_args(cache, tmp_path / "two", tower=tower, losses=losses, batch=4, steps=8,
-                             extra=("--workers", "1")))
+                             extra=("--workers", "1", "--val-fraction", "0.25")))
     assert "DDP: 2 ranks x --batch-size 4 = global batch 8" in out
     two = tmp_path / "two"
     # only rank 0 wrote the run: one config, one metrics row per step, its files and no temporaries of rank 1
@@ -193,6 +213,15 @@ def test_two_ranks_of_b_rows_equal_one_process_of_2b(cache, tmp_path, tower, los
     # same per-step losses (the logged loss is the mean over ranks of each rank's terms) ...
     for a, b in zip(_train_rows(tmp_path / "one"), _train_rows(two), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), (a, b)
+    # validation: each rank scores its slices, sums are added across ranks; row-wise metrics are the one-process ones
+    # (in-batch terms are not: validation batches are --batch-size rows, 4 here vs 8)
+    row_wise = {"val_rows", "val_cosine", "val_top1_agreement", "val_cosine_loss", "val_kl_loss"}
+    vals = _train_rows(tmp_path / "one", "val"), _train_rows(two, "val")
+    assert len(vals[0]) == len(vals[1]) >= 1 and vals[0][0]["val_rows"] > 0
+    for a, b in zip(*vals, strict=True):
+        assert a.keys() == b.keys() and a["step"] == b["step"]
+        for k in row_wise & a.keys():
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a, b)
     # ... and the same weights up to float rounding (CPU matmuls of 4 vs 8 rows round differently)
     a, b = _final(tmp_path / "one"), _final(two)
     embed_dim = json.loads((two / "config.json").read_text())["embed_dim"]
@@ -224,23 +253,32 @@ def _pid_of_rank(torchrun_pid: int, rank: int) -> int | None:
     return None
 
 
+def _kill_args(cache, out, *extra):
+    return _args(cache, out, tower="image", losses=("cosine=1", "kl=0.5"), batch=4, steps=20,
+                 extra=("--checkpoint-every", "3", *extra))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache, tmp_path_factory) -> Path:
+    ref = tmp_path_factory.mktemp("ddp-ref") / "ref"
+    _torchrun_ok(_kill_args(cache, ref))
+    return ref
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
-def test_resume_after_kill9_of_a_rank_ends_with_the_uninterrupted_weights(cache, tmp_path):
-    def args(out, *extra):
-        return _args(cache, out, tower="image", losses=("cosine=1", "kl=0.5"), batch=4, steps=20,
-                     extra=("--checkpoint-every", "3", *extra))
-
-    _torchrun_ok(args(tmp_path / "ref"))
+@pytest.mark.parametrize("rank", [1, 0])  # 0: the writer, killed holding the run's lock, maybe mid-checkpoint
+def test_resume_after_kill9_of_a_rank_ends_with_the_uninterrupted_weights(cache, uninterrupted, tmp_path, rank):
+    args = functools.partial(_kill_args, cache)
     out = tmp_path / "killed"
     proc = _torchrun(args(out))
     latest, deadline = out / "checkpoints" / "latest", time.time() + 240
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    victim = _pid_of_rank(proc.pid, 1)
-    assert victim is not None, "rank 1 not found"
+    victim = _pid_of_rank(proc.pid, rank)
+    assert victim is not None, f"rank {rank} not found"
     os.kill(victim, signal.SIGKILL)
-    try:  # rank 0, blocked in a collective with the dead rank, must not hang: torchrun tears the group down
+    try:  # the other rank, blocked in a collective with the dead one, must not hang: torchrun tears it down
         proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
@@ -253,7 +291,7 @@ def test_resume_after_kill9_of_a_rank_ends_with_the_uninterrupted_weights(cache,
                         batch_size=4, threads=1, lr=5e-3, progress=False, checkpoint_every=3,
                         losses=(("cosine", 1.0), ("kl", 0.5)), resume=True))
     _torchrun_ok(args(out, "--resume"))
-    a, b = _final(tmp_path / "ref"), _final(out)
+    a, b = _final(uninterrupted), _final(out)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

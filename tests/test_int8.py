@@ -93,7 +93,7 @@ def test_schema_specs_for_int8():
 
 def test_capability_and_version_are_recorded(caches):
     c8, c16 = open_cache(caches["int8"]), open_cache(caches["fp16"])
-    assert c8.attrs["schema_version"] == schema.SCHEMA_VERSION == "1.3"
+    assert c8.attrs["schema_version"] == schema.SCHEMA_VERSION == "1.4"
     assert schema.CAP_INT8 in c8.capabilities and c8.attrs["build"]["embed_dtype"] == "int8"
     assert schema.CAP_INT8 not in c16.capabilities
     u = c8.units(schema.IMAGES)[0]

@@ -249,6 +249,26 @@ def test_resume_removes_a_checkpoint_cut_by_a_kill(tmp_path, small_cache, caplog
     assert "removed checkpoints/.step-00000004.tmp-99999, left by a run killed while writing it" in caplog.text
 
 
+def test_resume_of_a_run_killed_before_it_recorded_its_config(tmp_path, small_cache, caplog):
+    """A kill between the trackers' start and config.json leaves only tensorboard/: --resume starts at step 0 and
+    ends as an uninterrupted run; a folder holding anything else is not taken for a run."""
+    reference = tmp_path / "reference"
+    train(_cfg(small_cache, reference, max_steps=2))
+    out = tmp_path / "run"
+    (out / rundir.TENSORBOARD).mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="kdcache.train.rundir"):
+        assert train(_cfg(small_cache, out, max_steps=2, resume=True)).steps == 2
+    assert "holds only the start of a run killed before it recorded its config" in caplog.text
+    a, b = load_file(str(rundir.final_weights(out))), load_file(str(rundir.final_weights(reference)))
+    assert sorted(a) == sorted(b) and all(a[k].equal(b[k]) for k in a)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(TrainError, match=r"is not a kdcache run directory \(no config.json\)"):
+        train(_cfg(small_cache, other, max_steps=2, resume=True))
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
 def test_a_run_whose_cache_is_extended_stops_and_resumes_on_the_same_data(
         tmp_path, teacher_spec, shards, classes_file, caplog, monkeypatch):
     """Build on 2 shards; train; a build takes the cache's lock mid-run (as `build --resume` does before extending

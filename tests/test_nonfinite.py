@@ -73,7 +73,7 @@ def test_cli_train_refuses_each_bad_float_option(tmp_path, option, value):
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2, res.output
     assert option in res.output and "Traceback" not in res.output
-    last = res.output.strip().splitlines()[-1]
+    last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ") and (value in last or "range" in last or "finite" in last), last
     assert not (tmp_path / "run").exists()
 
@@ -85,6 +85,7 @@ def test_cli_build_refuses_non_finite_augment_numbers(tmp_path, teacher_spec, sh
                                    "--augment", policy, "--out", str(tmp_path / "c.zarr"), "--no-progress"])
     assert res.exit_code == 1, res.output
     assert "Error: --augment" in res.output and "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []  # refused before the cache (or its lock) was left behind
 
 
 @pytest.mark.parametrize(("field", "value"), [
@@ -115,7 +116,7 @@ def test_nan_loss_stops_naming_step_and_term_and_resume_continues(cache, tmp_pat
             "--loss", "cosine=1", "--loss", "l1=0.5", "--val-fraction", "0"]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1, (res.output, res.exception)
-    err = res.output.strip().splitlines()[-1]
+    err = res.stderr.strip().splitlines()[-1]  # stdout (the run's banner) and stderr interleave in res.output
     assert err.startswith("Error: training stopped at step 5: non-finite loss term(s) cosine_loss=nan"), err
     assert "l1_loss" not in err and "Traceback" not in res.output
     # nothing claims done; the last good checkpoint (step 3) is intact and finite
@@ -133,6 +134,22 @@ def test_nan_loss_stops_naming_step_and_term_and_resume_continues(cache, tmp_pat
     run(_cfg(cache, ref))
     a, b = (load_file(str(d / "final" / "student.safetensors")) for d in (out, ref))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_validation_stops_before_its_checkpoint(cache, tmp_path, monkeypatch):
+    """Finite weights, but the validation pass gives NaN (its rows, an fp16 overflow): the run stops there, the val
+    row is logged, no checkpoint follows it and nothing claims done."""
+    real = losses.CosineLoss.__call__
+    monkeypatch.setattr(losses.CosineLoss, "__call__",
+                        lambda self, x: real(self, x) * (1.0 if torch.is_grad_enabled() else float("nan")))
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"^training stopped at step 3: validation gave non-finite "
+                                             r"val_cosine_loss=nan, val_loss=nan \(the weights are finite\)"):
+        run(_cfg(cache, out, max_steps=3, checkpoint_every=2, val_fraction=0.2))
+    assert not (out / "done.json").exists() and not (out / "final").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["train"] * 3 + ["val"] and math.isnan(rows[-1]["val_loss"])
 
 
 def test_divergence_from_a_huge_lr_stops_non_zero_without_saving_nan(cache, tmp_path):
@@ -187,6 +204,32 @@ def test_fp16_scaler_skips_up_to_max_skipped_steps(cache, tmp_path, monkeypatch)
     assert res.steps == 8 and FakeScaler.steps == 6  # two steps skipped, never applied
     final = load_file(str(tmp_path / "ok" / "final" / "student.safetensors"))
     assert all(torch.isfinite(v).all() for v in final.values())
+    assert _skipped_steps(tmp_path / "ok") == [3, 4]  # metrics say which steps were not applied
+
+
+def _skipped_steps(run_dir: Path) -> list[int]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if r["kind"] == "train" and r.get("skipped")]
+
+
+def test_real_grad_scaler_skip_leaves_the_weights_untouched(cache, tmp_path, monkeypatch):
+    """torch's own GradScaler (on CPU, as the loop builds it for fp16 on CUDA): a NaN step is not applied (the weights
+    are those of the step before), the scaler halves its scale and keeps going, and the run ends finite."""
+    real = torch.amp.GradScaler
+    made = []
+
+    def scaler(*args, **kw):
+        made.append(real("cpu", init_scale=2.0 ** 8))
+        return made[-1]
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+    _nan_cosine_at(monkeypatch, {3})
+    res = run(_cfg(cache, tmp_path / "a", max_steps=3, checkpoint_every=2, max_skipped_steps=1))
+    assert res.steps == 3 and _skipped_steps(tmp_path / "a") == [3]
+    assert made[0].get_scale() == 2.0 ** 7  # the scaler saw the non-finite gradients too
+    a = load_file(str(tmp_path / "a" / "final" / "student.safetensors"))
+    b = load_file(str(tmp_path / "a" / "checkpoints" / "step-00000002" / "student.safetensors"))
+    assert all(torch.isfinite(v).all() for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)  # step 3 changed nothing
 
 
 def test_fp16_scaler_stops_after_too_many_consecutive_skips(cache, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import zarr
@@ -293,6 +294,16 @@ def test_train_refuses_a_url_run_dir_before_anything_is_written(teacher_spec, sh
         run(TrainConfig(cache=str(tmp_path / "none.zarr"), tower="image", student="kdc-tiny-image", out=url,
                         max_steps=1, progress=False))
     assert not location.exists(url)
+
+
+def test_eval_refuses_a_url_report_dir_before_any_work(teacher_spec, shards, classes_file, tmp_path):
+    url = f"memory://kdc-{uuid.uuid4().hex[:8]}/report"
+    r = CliRunner().invoke(cli, ["eval", "--model", teacher_spec, "--data", shards[0], "--task", "zeroshot",
+                                 "--classes", classes_file, "--out", url, "--no-progress"])
+    assert r.exit_code == 1 and "a report directory must be a local path" in r.output, r.output
+    assert "Traceback" not in r.output and "top-1" not in r.output
+    assert not location.exists(url) and not any(tmp_path.iterdir())
+    assert not list(Path.cwd().glob("memory:*"))  # no local folder named after the URL
 
 
 @pytest.mark.slow

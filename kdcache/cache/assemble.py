@@ -145,6 +145,8 @@ class TeacherPass:
             "captions": len(cap_rows), "captions_truncated": cut, "limited": meta.limited,
             "timing": {"finished": time.time()},
         }
+        if meta.decode is not None:  # --decode gpu: how many samples the device decoded, and PIL's by reason
+            status["decode"] = meta.decode
         return data, status
 
     def caption_unit(self, unit: Unit, corpus: dict, quota: int | None) -> tuple[dict, dict]:

@@ -54,6 +54,7 @@ from kdcache.cache.writer import (
 from kdcache.locks import LockError, WriterLock
 from kdcache.shards import expand_urls
 from kdcache.shards.decode import MAX_CAPTION_CHARS
+from kdcache.shards.gpudecode import DECODERS, device_decode_problem
 from kdcache.teacher import teacher_mismatch
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,12 @@ def library_versions() -> dict:
     """The versions of everything that shapes the cache's bytes, recorded in it."""
     import numcodecs
     import open_clip
+    import torchvision
     import webdataset
 
     return {"kdcache": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
             "zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "webdataset": webdataset.__version__,
+            "torchvision": torchvision.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
 
 
@@ -82,7 +85,7 @@ def resolved_build(cfg: BuildConfig, threads: int, precision: str, topk: int, pr
         "batch_size": cfg.batch_size, "threads": threads, "device_type": torch.device(cfg.device).type,
         "precision": precision, "embed_dtype": cfg.embed_dtype, "seed": cfg.seed, "limit": cfg.limit,
         "max_pixels": cfg.max_pixels, "background": list(cfg.background), "view_scale": list(views.rrc_scale),
-        "view_ratio": list(views.rrc_ratio), "block_records": schema.BLOCK_RECORDS,
+        "view_ratio": list(views.rrc_ratio), "block_records": schema.BLOCK_RECORDS, "decode": cfg.decode,
     }
     if policy is not None:
         out["augment"] = {"policy": policy.to_json(), "fill": list(erase_fill(preprocess))}
@@ -105,6 +108,8 @@ def check_resume_identity(old: dict, new: dict) -> None:
         a, b = old.get(section), new.get(section)
         if section == "preprocess":  # where the settings were read from is provenance, not identity
             a, b = ({k: v for k, v in (d or {}).items() if k != "source"} for d in (a, b))
+        if section == "build":  # caches from before --decode existed were all decoded by PIL
+            a, b = ({"decode": "cpu", **(d or {})} for d in (a, b))
         if a != b:
             keys = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
             detail = ", ".join(f"{k}: cache has {(a or {}).get(k)!r}, now {(b or {}).get(k)!r}" for k in keys)
@@ -137,6 +142,19 @@ def _check_config(cfg: BuildConfig, dist: Dist) -> None:
                     cfg.views)
     if cfg.limit is not None and dist.world > 1:
         raise BuildError("--limit is for single-process dry runs; it cannot be combined with torchrun")
+    _check_decode(cfg, policy)
+
+
+def _check_decode(cfg: BuildConfig, policy: Policy | None) -> None:
+    if cfg.decode not in DECODERS:
+        raise BuildError(f"--decode must be one of {', '.join(DECODERS)}, got {cfg.decode!r}")
+    if cfg.decode != "gpu":
+        return
+    why = device_decode_problem(cfg.device) if cfg.decode_device is None else None
+    if why:
+        raise BuildError(why)
+    if policy is not None and policy.mixes:
+        raise BuildError("--decode gpu does not render mixed views (--augment mix=...): use --decode cpu")
 
 
 def _inputs(cfg: BuildConfig) -> tuple[list[str], list[dict]]:
@@ -292,14 +310,25 @@ class _Builder:
             log.info("--limit: reading shards in order in the main process (--workers ignored)")
         loader = shard_loader(units, preprocess=teach.teacher.preprocess, cfg=self.cfg, limit=limit,
                               pin_memory=torch.cuda.is_available() and teach.teacher.device.type == "cuda")
+        on_device = None  # --decode gpu: JPEGs decoded and rendered on the device (kdcache.cache.gpuviews)
+        if self.cfg.decode == "gpu":
+            from kdcache.cache.gpuviews import DeviceViews
+
+            on_device = DeviceViews(teach.teacher.preprocess, cfg=self.cfg,
+                                    device=self.cfg.decode_device or teach.teacher.device)
         parts: dict[str, list] = {}  # unit name -> teacher outputs of its batches so far
         rows_seen, shards_seen = 0, 0
         for item in loader:
             if isinstance(item, Batch):
-                emb, idx, val, lse, hints = teach.image_outputs(item.pixels)
+                emb, idx, val, lse, hints = teach.image_outputs(item.pixels if on_device is None
+                                                                else on_device.pixels(item))
                 parts.setdefault(item.unit.name, []).append((item.positions, item.views, emb, idx, val, lse, hints))
                 bar.update(int((item.views == 0).sum()))
                 continue
+            if on_device is not None:
+                on_device.finish(item)
+                self.counts.update(decoded_on_device=item.decode["device"],
+                                   decoded_by_pil=sum(item.decode["pil"].values()))
             data, status = teach.shard_unit(item, parts.pop(item.unit.name, []))
             self.counts.update(images=status["valid"], image_rejected=sum(status["rejected"].values()))
             if status["state"] == schema.STATUS_FAILED:
@@ -367,6 +396,9 @@ def print_summary(result: BuildResult, file: TextIO | None = None) -> None:
             print(f"  this run: {r.get('images', 0)} images, {r.get('captions', 0)} captions "
                   f"({r.get('image_rejected', 0) + r.get('caption_rejected', 0)} rejected) in {r['seconds']:.1f} s"
                   + (f" = {n / r['seconds']:.1f} samples/s" if r["seconds"] > 0 else ""), file=file)
+        if r and "decoded_on_device" in r:
+            print(f"  --decode gpu: {r['decoded_on_device']} images decoded on the device, {r['decoded_by_pil']} by "
+                  "PIL (not JPEG, or refused; per shard in its status, 'decode')", file=file)
         for u in s["failed_units"]:
             print(f"  FAILED: {u}", file=file)
         for u in s["missing_units"]:

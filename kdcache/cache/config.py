@@ -40,6 +40,8 @@ class BuildConfig:
     augment: str | None = None        # kdcache.augment policy spec for views >= 1; None: today's crop + flip
     hints: tuple[str, ...] = ()       # image-tower module paths whose pooled outputs are cached per view
     hint_pool: str = "cls"            # how token outputs are pooled (kdcache.hints.POOLS); conv outputs: average
+    decode: str = "cpu"               # JPEG decoder (kdcache.shards.gpudecode.DECODERS): PIL in workers, or nvjpeg
+    decode_device: str | None = None  # internal: run the gpu decode path on this device instead (tests use "cpu")
     seed: int = 0
     limit: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS

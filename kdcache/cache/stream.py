@@ -3,11 +3,14 @@ workers.
 
 For every shard the stream yields uint8 `Batch`es of views for the teacher, then one `ShardMeta` holding everything
 else about the shard (keys, labels, captions, view records, rejects, the shard's read report). Nothing here depends
-on the teacher, so it runs in worker processes and hands only uint8 pixels to the device.
+on the teacher, so it runs in worker processes and hands only uint8 pixels to the device. With `--decode gpu` the
+workers only read bytes and headers: a JPEG the device decodes travels as `ViewJob`s (its bytes and the view's record)
+and the main process renders it there (`kdcache.cache.gpuviews`); other members are decoded by PIL here, as usual.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,7 +29,8 @@ from kdcache.augment import (
 )
 from kdcache.cache.config import BuildConfig, BuildError, view_policy
 from kdcache.cache.schema import Unit
-from kdcache.shards import Reject, RejectError, ShardReport, iter_shard, parse_sample
+from kdcache.shards import Reject, RejectError, ShardReport, decode_image, iter_shard, parse_sample
+from kdcache.shards.gpudecode import probe_image
 from kdcache.views import eval_box, eval_transform_uint8, eval_view_problem
 
 
@@ -46,6 +50,15 @@ class ShardMeta:
     report: ShardReport
     limited: bool
     caption_truncated: np.ndarray | None = None  # bool [rows]: the row's caption was cut to MAX_CAPTION_CHARS
+    decode: dict | None = None  # --decode gpu: {"device": samples, "pil": {fallback reason: samples}} (its status)
+
+
+@dataclass
+class ViewJob:
+    """--decode gpu: one view of a JPEG left encoded for the device; `rec` None is view 0 (the eval transform)."""
+
+    data: bytes
+    rec: ViewRecord | None
 
 
 @dataclass
@@ -55,7 +68,8 @@ class Batch:
     unit: Unit
     positions: np.ndarray  # [B]
     views: np.ndarray      # [B]
-    pixels: torch.Tensor   # uint8 [B, 3, H, W]
+    pixels: torch.Tensor | None  # uint8 [B, 3, H, W]; None when `jobs` holds views still to decode on the device
+    jobs: list[torch.Tensor | ViewJob] | None = None  # --decode gpu: row i rendered (uint8 [3, H, W]) or to render
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -84,7 +98,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         """One shard's batches then its ShardMeta; with a quota, only its first `quota` samples."""
         cfg, V, policy = self.cfg, self.cfg.views, self.policy
         eval_tf = eval_transform_uint8(self.preprocess)
-        size = tuple(self.preprocess["size"])
+        out_size = tuple(self.preprocess["size"])
         interp = self.preprocess["interpolation"]
         report = ShardReport(url=unit.source)
         keys, valid, labels, captions, sizes, records, rejects = [], [], [], [], [], [], []
@@ -93,9 +107,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         limited = quota == 0  # --limit already reached: the shard is recorded as done with no rows
         truncated = []
 
+        gpu = cfg.decode == "gpu"
+        decoded = Counter()  # --decode gpu: "device", or the fallback reason, per valid sample
+
         def flush():
+            rendered = all(isinstance(x, torch.Tensor) for x in pending_px)
             b = Batch(unit, np.asarray(pending_pos, np.int64), np.asarray(pending_view, np.int64),
-                      torch.stack(pending_px))
+                      torch.stack(pending_px) if rendered else None, None if rendered else list(pending_px))
             pending_pos.clear(), pending_view.clear(), pending_px.clear()
             return b
 
@@ -105,8 +123,16 @@ class ShardStream(torch.utils.data.IterableDataset):
                 break
             keys.append(raw.key)
             try:
-                sample = parse_sample(raw, max_pixels=cfg.max_pixels, background=cfg.background)
-                why = eval_view_problem(*sample.image.size, self.preprocess, max_pixels=cfg.max_pixels)
+                sample = parse_sample(raw, max_pixels=cfg.max_pixels, background=cfg.background, decode=not gpu)
+                via = "pil"
+                if gpu:  # the header decides: the device decodes the JPEG later, or PIL decodes it now
+                    probe = probe_image(sample.image_bytes, max_pixels=cfg.max_pixels)
+                    via = probe.fallback or "device"
+                    if probe.fallback is not None:
+                        sample.image = decode_image(sample.image_bytes, max_pixels=cfg.max_pixels,
+                                                    background=cfg.background)
+                size = sample.image.size if sample.image is not None else (probe.width, probe.height)
+                why = eval_view_problem(*size, self.preprocess, max_pixels=cfg.max_pixels)
                 if why is not None:
                     raise RejectError("extreme_aspect", why)
             except RejectError as e:
@@ -115,14 +141,16 @@ class ShardStream(torch.utils.data.IterableDataset):
                 truncated.append(False)
                 continue
             img, p = sample.image, raw.position
-            w, h = img.size
+            w, h = size
+            decoded[via] += gpu
             valid.append(True)
             labels.append(-1 if sample.label is None else int(sample.label))
             captions.append(sample.caption or "")
             truncated.append(sample.caption_truncated)
             sizes.append((w, h))
             recs = [eval_record(eval_box(w, h, self.preprocess), policy)]
-            pending_pos.append(p), pending_view.append(0), pending_px.append(eval_tf(img))
+            pending_pos.append(p), pending_view.append(0)
+            pending_px.append(eval_tf(img) if img is not None else ViewJob(sample.image_bytes, None))
             if len(pending_px) == cfg.batch_size:
                 yield flush()
             for v in range(1, V):
@@ -131,8 +159,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                 partner, partner_recs = recent.get(p + rec.mix_offset, (None, None)) if rec.mix_kind else (None, None)
                 recs.append(rec)
                 pending_pos.append(p), pending_view.append(v)
-                pending_px.append(render(img, rec, size=size, interpolation=interp, fill=self.fill, partner=partner,
-                                         partner_rec=None if partner_recs is None else partner_recs[v]))
+                if img is None:
+                    pending_px.append(ViewJob(sample.image_bytes, rec))
+                else:
+                    pending_px.append(render(img, rec, size=out_size, interpolation=interp, fill=self.fill,
+                                             partner=partner,
+                                             partner_rec=None if partner_recs is None else partner_recs[v]))
                 if len(pending_px) == cfg.batch_size:
                     yield flush()
             records.append(recs)
@@ -148,6 +180,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             labels=np.asarray(labels, np.int32).reshape(n), captions=captions,
             src_size=np.asarray(sizes, np.int32).reshape(n, 2), records=_record_arrays(records, policy, V),
             rejects=rejects, report=report, limited=limited, caption_truncated=np.asarray(truncated, bool).reshape(n),
+            decode={"device": decoded.pop("device", 0), "pil": dict(sorted(decoded.items()))} if gpu else None,
         )
 
 

@@ -3,7 +3,8 @@
 verify: every array has the schema's shape and dtype and its status's row count, every expected chunk is present (zarr
 reads a deleted chunk back as fill values, silently), every chunk decodes (zstd checksums catch flipped bytes), every
 array equals the content digest its unit's status records (schema 1.4: catches a chunk copied from another unit, which
-checksums cannot), embeddings of valid rows are finite and unit-norm, rows that are not valid are unwritten (NaN). int8 caches are checked after decoding, plus the codes
+checksums cannot; units built before have none, and a NOTE says how many), embeddings of valid rows are finite and
+unit-norm, rows that are not valid are unwritten (NaN). int8 caches are checked after decoding, plus the codes
 themselves: every valid vector has the quantiser's max |code| of 127, and unwritten rows are wholly INT8_UNWRITTEN.
 """
 

@@ -60,6 +60,7 @@ def eval_cmd(**kw) -> None:
       kdcache eval --model ViT-B-32 --pretrained openai --model exported/ --model runs/img \\
           --data 'cifar10-test-{000..009}.tar' --task zeroshot --classes cifar10 --out reports/cifar10
     """
+    from kdcache.cache.reader import CacheError
     from kdcache.eval.models import ModelError
     from kdcache.eval.run import EvalConfig, EvalError, run
     from kdcache.eval.tasks import get_task
@@ -68,7 +69,7 @@ def eval_cmd(**kw) -> None:
     cfg = EvalConfig(models=tuple(kw.pop("models")), data=tuple(kw.pop("data")), subset=options.subset_from(kw), **kw)
     try:
         report = run(cfg)
-    except (EvalError, ModelError) as e:
+    except (EvalError, ModelError, CacheError) as e:  # CacheError: a damaged --cache or run's cache (reads fail closed)
         raise click.ClickException(str(e)) from None
     task = get_task(report["task"])
     for m in report["models"]:

@@ -82,6 +82,10 @@ def cli(verbose: bool) -> None:
 @options.precision("Teacher autocast precision (CUDA only; CPU always runs fp32).")
 @options.embed_dtype("Storage of the embeddings: fp16, fp32, or int8 with a per-vector scale (about half of fp16's "
                      "bytes; lossy, see README 'Performance').")
+@click.option("--decode", default="cpu", type=click.Choice(["cpu", "gpu"]),
+              help="JPEG decoder: cpu (PIL in the DataLoader workers) or gpu (nvjpeg on the teacher's CUDA device, "
+                   "batched, views resized there; workers only read bytes; other formats fall back to PIL per sample). "
+                   "Recorded in the cache and part of its --resume identity; students replay with PIL (README).")
 @click.option("--seed", default=0, type=int, help="Seed of the view generator.")
 @click.option("--limit", default=None, type=click.IntRange(1),
               help="Only the first N image samples and N caption records (dry runs; single process).")
@@ -111,7 +115,7 @@ def build(**kw) -> None:
         classes=kw["classes"], templates=kw["templates"], topk=kw["topk"], batch_size=kw["batch_size"],
         workers=kw["workers"], threads=kw["threads"], device=kw["device"], precision=kw["precision"],
         embed_dtype=kw["embed_dtype"], augment=kw["augment"], hints=kw["hints"], hint_pool=kw["hint_pool"],
-        seed=kw["seed"], limit=kw["limit"],
+        seed=kw["seed"], limit=kw["limit"], decode=kw["decode"],
         max_pixels=kw["max_pixels"],
         resume=kw["resume"], overwrite=kw["overwrite"], progress=not kw["no_progress"],
     )
@@ -184,7 +188,8 @@ def info(cache: str, as_json: bool) -> None:
 @click.argument("cache", metavar="CACHE")
 @options.no_progress()
 def verify(cache: str, no_progress: bool) -> None:
-    """Check every chunk of a cache: present, decodable (checksums), row counts, finite unit-norm embeddings.
+    """Check every chunk of a cache: present, decodable (checksums), shapes and row counts, each array against the
+    content digest its unit's status records (a chunk copied from another shard), finite unit-norm embeddings.
 
     Exits non-zero naming the array, chunk and shard of every problem. CACHE is a directory or an fsspec URL
     (s3://bucket/cache.zarr): on an object store too, every chunk must exist as an object.
@@ -370,7 +375,10 @@ def train(**kw) -> None:
         kw["hint_map"] = parse_hint_map(kw["hint_map"])
     except TrainError as e:
         raise click.BadParameter(str(e), param_hint="--hint-map") from None
-    cfg = TrainConfig(losses=losses, subset=options.subset_from(kw), **kw)
+    try:  # the option types refuse bad numbers first; TrainConfig re-checks them for library callers
+        cfg = TrainConfig(losses=losses, subset=options.subset_from(kw), **kw)
+    except TrainError as e:
+        raise click.UsageError(str(e)) from None
     # Every kdcache error a user can cause is a ValueError subclass (TrainError, CacheError, DataError, StudentError,
     # TeacherError, unknown or misapplied losses): shown as a message, not a traceback.
     errors: tuple[type[Exception], ...] = (TrainError, CacheError, DataError, ValueError, FileNotFoundError)

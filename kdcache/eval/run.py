@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcache import __version__
+from kdcache import __version__, location
 from kdcache.eval import latency as lat
 from kdcache.eval import metrics as M
 from kdcache.eval.config import EvalConfig, EvalError
@@ -145,6 +145,13 @@ def _check(cfg: EvalConfig, task: Task) -> None:
     if cfg.limit is not None and cfg.limit < 1:
         raise EvalError("--limit must be at least 1")
     resolve_device(cfg.device, cfg.precision, error=EvalError, who="evaluation")
+    try:  # the report and its plots are written with plain file I/O: a local directory, refused before any work
+        out_is_url = location.is_url(location.check_location(cfg.out, "--out"))
+    except location.LocationError as e:
+        raise EvalError(str(e)) from None
+    if out_is_url:
+        raise EvalError(f"--out {cfg.out}: a report directory must be a local path (only caches may live on an object "
+                        "store); write the report locally and copy it up")
 
 
 def load_models(specs: Sequence[str], *, pretrained: str | None = None, allow_random_init: bool = False,

@@ -40,10 +40,11 @@ class Sample:
 
     key: str
     position: int
-    image: Image.Image  # mode "RGB", fully loaded
+    image: Image.Image | None  # mode "RGB", fully loaded; None from parse_sample(decode=False)
     caption: str | None
     label: int | None
     caption_truncated: bool = False  # the caption was cut to MAX_CAPTION_CHARS
+    image_bytes: bytes = b""  # the encoded image member (parse_sample(decode=False): the caller decodes it)
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
@@ -99,6 +100,16 @@ def to_rgb(im: Image.Image, *, background: tuple[int, int, int] = (255, 255, 255
 def decode_image(data: bytes, *, max_pixels: int, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Decode image bytes to a fully loaded RGB image. Raises RejectError: too_large (checked from the header,
     before any pixel is decoded) or undecodable (PIL's message as detail)."""
+    im = open_image(data, max_pixels=max_pixels)
+    try:
+        return to_rgb(im, background=background)
+    except (ValueError, OSError) as e:  # a mode PIL cannot convert
+        raise RejectError("undecodable", f"cannot convert mode {im.mode} to RGB: {describe_error(e)}") from None
+
+
+def open_image(data: bytes, *, max_pixels: int, load: bool = True) -> Image.Image:
+    """PIL's image of `data` in its own mode, fully loaded (or, with load=False, only its header read: size, mode and
+    format, for a decoder elsewhere). Raises RejectError as `decode_image` does."""
     if not data:
         raise RejectError("empty_image", "0 bytes")
     # PIL's own bomb check uses the global MAX_IMAGE_PIXELS; raise it when our limit is higher so ours applies.
@@ -116,7 +127,8 @@ def decode_image(data: bytes, *, max_pixels: int, background: tuple[int, int, in
             w, h = im.size
             if w * h > max_pixels:
                 raise RejectError("too_large", f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
-            im.load()
+            if load:
+                im.load()
         except RejectError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -127,10 +139,7 @@ def decode_image(data: bytes, *, max_pixels: int, background: tuple[int, int, in
         finally:
             if bump:
                 Image.MAX_IMAGE_PIXELS = old
-    try:
-        return to_rgb(im, background=background)
-    except (ValueError, OSError) as e:  # a mode PIL cannot convert
-        raise RejectError("undecodable", f"cannot convert mode {im.mode} to RGB: {describe_error(e)}") from None
+    return im
 
 
 def _text(data: bytes, ext: str) -> str:
@@ -191,10 +200,13 @@ def _unreadable(raw: RawSample) -> None:
         raise RejectError("special_member", f"{name} is {what}, not a file")
 
 
-def parse_sample(raw: RawSample, *, max_pixels: int, background: tuple[int, int, int] = (255, 255, 255)) -> Sample:
+def parse_sample(raw: RawSample, *, max_pixels: int, background: tuple[int, int, int] = (255, 255, 255),
+                 decode: bool = True) -> Sample:
     """Turn a raw sample into an RGB image, caption and label, or raise RejectError with the reason.
 
-    Metadata is checked before the image is decoded: it is cheaper, and a sample is rejected either way.
+    Metadata is checked before the image is decoded: it is cheaper, and a sample is rejected either way. With
+    decode=False the image is left encoded (`Sample.image_bytes`, `Sample.image` None) for a decoder elsewhere
+    (`kdcache.shards.gpudecode`), which must apply `decode_image`'s checks itself.
     """
     m = raw.members
     if raw.problem == "split_sample":
@@ -228,8 +240,8 @@ def parse_sample(raw: RawSample, *, max_pixels: int, background: tuple[int, int,
     if not caption and meta is not None and isinstance(meta.get("caption"), str):
         caption, truncated = check_caption(meta["caption"].strip(), '.json "caption"')
 
-    image = decode_image(m[ext], max_pixels=max_pixels, background=background)
+    image = decode_image(m[ext], max_pixels=max_pixels, background=background) if decode else None
     return Sample(key=raw.key, position=raw.position, image=image, caption=caption or None, label=label,
-                  caption_truncated=truncated)
+                  caption_truncated=truncated, image_bytes=m[ext])
 
 

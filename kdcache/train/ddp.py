@@ -16,6 +16,7 @@ gradient for losses with in-batch negatives (`gather`), sums and consistency che
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from kdcache.train.config import TrainError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,11 @@ class Ranks:
         broadcast to all at construction) when distributed, else the student itself."""
         if self.world == 1:
             return student
+        norms = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
+        if norms and self.main:  # SyncBatchNorm runs on CUDA only, and swapping modules would drop --hint-map hooks
+            log.warning("the student has %d BatchNorm layer(s): under DDP each rank normalises with the statistics of "
+                        "its own --batch-size rows (running stats: rank 0's), so it trains close to, not exactly as, "
+                        "one process with the global batch", norms)
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(student, device_ids=ids)
 

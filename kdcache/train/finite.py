@@ -3,8 +3,9 @@
 In fp32/bf16 a non-finite loss term or gradient norm stops the run before the optimizer applies that step. Under fp16
 on CUDA the GradScaler skips non-finite steps by design while it searches for its scale, so a step is skipped (never
 applied) and the run stops only after more than `max_skipped` consecutive skips. Weights are checked before every
-checkpoint and before the final weights are written, so neither is ever saved from a NaN state: the run's latest
-checkpoint stays the last good one, and nothing claims the run done.
+checkpoint and before the final weights are written, and every validation pass's metrics before the checkpoint that
+follows it, so nothing is ever saved from a NaN state: the run's latest checkpoint stays the last good one, and nothing
+claims the run done.
 
 One device sync per optimizer step: the terms of its micro-batches are stacked on the device and read once. Under
 DDP the gradient norm is the same on every rank (gradients are all-reduced), so every rank stops at the same step.
@@ -21,8 +22,8 @@ from kdcache.train.config import TrainError
 
 log = logging.getLogger(__name__)
 
-_WHAT_NOW = ("no weights were updated from it and the latest checkpoint is kept; lower --lr or find the bad input, "
-             "then rerun (--resume continues from that checkpoint; a changed --lr needs a new --out)")
+_WHAT_NOW = ("no weights were updated from it and the latest checkpoint, if any, is kept; lower --lr or find the bad "
+             "input, then rerun (--resume continues from that checkpoint; a changed --lr needs a new --out)")
 
 
 class NonFiniteError(TrainError):
@@ -87,6 +88,16 @@ class StepGuard:
         return False
 
 
+def check_finite_val(values: dict, *, step: int) -> None:
+    """Refuse to go on (checkpoint, write done.json) after a validation pass whose metrics are NaN or inf: the weights
+    were finite, so a validation row or the forward pass (an fp16 overflow) gave it."""
+    bad = {k: v for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise NonFiniteError(f"training stopped at step {step}: validation gave non-finite {_fmt(bad)} (the weights "
+                             "are finite); the latest checkpoint, if any, is kept; check the validation rows "
+                             "(kdcache verify) or train in fp32/bf16, then rerun")
+
+
 def check_finite_weights(module: torch.nn.Module, *, step: int, what: str) -> None:
     """Refuse to save `what` (a checkpoint, the final weights) when any floating-point weight is NaN or inf."""
     tensors = [(k, v) for k, v in module.state_dict().items() if v.is_floating_point()]
@@ -98,4 +109,5 @@ def check_finite_weights(module: torch.nn.Module, *, step: int, what: str) -> No
     names = [k for (k, _), good in zip(tensors, ok.tolist(), strict=True) if not good]
     more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
     raise NonFiniteError(f"training stopped at step {step}: weight {names[0]!r}{more} is non-finite, so {what} was "
-                         f"not written; the latest checkpoint is kept; lower --lr or find the bad input, then rerun")
+                         f"not written; the latest checkpoint, if any, is kept; lower --lr or find the bad input, "
+                         "then rerun")

@@ -79,10 +79,26 @@ class Batches:
         self.dataset: TrainStream = loader.dataset
 
     def __iter__(self) -> Iterator[dict]:
-        return map(unpack_batch, iter(self.loader))
+        return map(unpack_batch, _worker_errors_as_messages(iter(self.loader)))
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+
+def _worker_errors_as_messages(batches: Iterator) -> Iterator:
+    """`batches`, with a user error a worker raised (a ValueError subclass: CacheError, DataError, ...) re-raised as
+    the same type with its own one-line message, as with --workers 0. The DataLoader re-raises it as "Caught X in
+    DataLoader worker process N. Original Traceback ...", which the CLI would print whole."""
+    try:
+        yield from batches
+    except ValueError as e:
+        text, kind = str(e), type(e)
+        if not text.startswith(f"Caught {kind.__name__} in DataLoader worker"):
+            raise
+        for mark in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+            if mark in text:
+                raise kind(text.rsplit(mark, 1)[1].strip()) from None
+        raise
 
 
 def make_loader(spec: DataSpec, *, split: str, epoch: int, start_step: int = 0, workers: int = 0,

@@ -39,7 +39,7 @@ from kdcache.train import cachepin, ddp, rundir, tracking
 from kdcache.train.config import TrainConfig, TrainError, TrainResult, identity
 from kdcache.train.data import count_rows, subset_rows
 from kdcache.train.dataspec import DataSpec
-from kdcache.train.finite import StepGuard, check_finite_weights
+from kdcache.train.finite import StepGuard, check_finite_val, check_finite_weights
 from kdcache.train.hinting import StudentHints
 from kdcache.train.loader import EpochLoader
 from kdcache.train.losses import LossInputs, WeightedLoss, default_losses
@@ -368,7 +368,8 @@ def _run(cfg: TrainConfig, *, targets: Targets | None, ranks: ddp.Ranks) -> Trai
                         continue
                     scaler.unscale_(optimizer)
                     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)  # 0: off, norm logged
-                    if guard.step_ok(step=step + 1, grad_norm=float(gnorm)):  # else skipped (fp16) or raises
+                    applied = guard.step_ok(step=step + 1, grad_norm=float(gnorm))  # False: skipped (fp16 only)
+                    if applied:
                         scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
@@ -378,7 +379,8 @@ def _run(cfg: TrainConfig, *, targets: Targets | None, ranks: ddp.Ranks) -> Trai
                     rate = seen * ranks.world / max(time.perf_counter() - t0, 1e-9)  # the global rate
                     row = {"kind": "train", "step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
                            "grad_norm": float(gnorm), "samples_per_s": rate,  # losses: the mean over ranks
-                           **ranks.mean({k: float(v.detach()) for k, v in terms.items()}, device)}
+                           **ranks.mean({k: float(v.detach()) for k, v in terms.items()}, device),
+                           **({} if applied else {"skipped": 1})}  # a step the fp16 scaler did not apply
                     metrics.log(row)
                     trackers.log(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{rate:.0f}")
@@ -396,6 +398,7 @@ def _run(cfg: TrainConfig, *, targets: Targets | None, ranks: ddp.Ranks) -> Trai
                 metrics.log(val_row)
                 trackers.log(val_row)
                 metrics.write_csv()
+                check_finite_val(final_val, step=step)  # logged above; nothing follows it
                 if ranks.main:
                     log.info("epoch %d step %d: %s", epoch, step, ", ".join(
                         f"{k}={v:.4f}" for k, v in final_val.items() if isinstance(v, float)))
@@ -411,6 +414,9 @@ def _run(cfg: TrainConfig, *, targets: Targets | None, ranks: ddp.Ranks) -> Trai
             if hints is not None:
                 hints.close()
         check_finite_weights(student, step=step, what="the final weights")
+        if guard.total_skipped and ranks.main:
+            log.warning("%d step(s) were skipped by the fp16 gradient scaler (marked skipped in metrics.jsonl)",
+                        guard.total_skipped)
         if ranks.main:
             rundir.write_final(run_dir, student, {"steps": step, "epochs": epoch, "val": final_val,
                                                   "finished": time.time()})

@@ -39,6 +39,18 @@ from kdcache.views import eval_transform_uint8, size_hw
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+# Caches whose decoder note was logged in this process: one line per cache, not one per split or loader.
+_DECODE_NOTED: set[str] = set()
+
+
+def note_decoder(cache: Cache) -> None:
+    """Log once per cache that a `--decode gpu` cache (its JPEGs decoded by nvjpeg) is replayed with PIL (libjpeg):
+    what this student sees differs from what the teacher saw by the two decoders' rounding (README, "--decode")."""
+    if cache.attrs["build"].get("decode", "cpu") != "gpu" or str(cache.path) in _DECODE_NOTED:
+        return
+    _DECODE_NOTED.add(str(cache.path))
+    log.info("%s was built with --decode gpu (JPEGs decoded by nvjpeg, views resized on the GPU); this student replays "
+             "its views with PIL, so its pixels differ slightly from the teacher's (README: --decode)", cache.path)
 
 
 def _usable_units(cache: Cache, kind: str, *, captioned: bool = False) -> list[Unit]:
@@ -191,6 +203,7 @@ class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
         self.policy = policy or Policy()  # the default records are today's crop box and flip
         self.fill = fill or erase_fill(cache.attrs["preprocess"])
         self.record_names = list(record_arrays(self.policy))
+        note_decoder(cache)
         cached = [layer["name"] for layer in (cache.attrs["build"].get("hints") or {}).get("layers", [])]
         unknown = [h for h in spec.hints if h not in cached]
         if unknown:

@@ -125,6 +125,14 @@ def check_resume(run_dir: Path, *, resume: bool, fingerprint: str, resolved: dic
         return False
     if not resume:
         raise TrainError(f"{run_dir} already exists: pass --resume to continue it, or choose a new --out")
+    if not (run_dir / CONFIG).is_file():
+        # A run killed before it recorded config.json leaves at most its trackers' folders: nothing to continue.
+        if {p.name for p in run_dir.iterdir()} <= {TENSORBOARD, WANDB}:
+            log.warning("--resume: %s holds only the start of a run killed before it recorded its config; starting "
+                        "from step 0", run_dir)
+            return False
+        raise TrainError(f"--resume refused: {run_dir} is not a kdcache run directory (no {CONFIG}); choose another "
+                         "--out")
     old = read_config(run_dir)
     if old["cache_fingerprint"] != fingerprint:
         raise TrainError(f"--resume refused: the cache changed (cache_fingerprint {old['cache_fingerprint']} "

@@ -1,0 +1,106 @@
+"""JPEG decode on the teacher's device (`kdcache build --decode gpu`): which members the device decodes, and the
+batched decode itself, with a per-sample fallback to PIL.
+
+The DataLoader workers only read bytes and headers (`probe_image`): a baseline or progressive 8-bit JPEG in RGB or
+greyscale goes to the device; anything else (PNG, WebP, CMYK/YCCK JPEGs, MPO, a JPEG without its end marker) is
+decoded by PIL in the worker, as `--decode cpu` would, and counted under its `FALLBACKS` reason. The main process
+decodes a batch's JPEGs in one `torchvision.io.decode_jpeg(list, device=...)` call (nvjpeg on CUDA, libjpeg on the
+CPU, which is how the tests run this path); a batch nvjpeg refuses is retried one image at a time, and an image it
+still refuses comes back as None for the caller to decode with PIL (reason "nvjpeg_error").
+
+Greyscale JPEGs are decoded straight to RGB (ImageReadMode.RGB: the grey channel repeated, as PIL's L -> RGB).
+EXIF orientation is ignored by both decoders, as by `parse_sample`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from kdcache.shards.decode import open_image
+
+DECODERS = ("cpu", "gpu")
+# Why a member of a --decode gpu build was decoded by PIL instead (counted per shard in its status, "decode").
+FALLBACKS = {
+    "not_jpeg": "PNG, WebP or another format the device decoder does not read",
+    "jpeg_mode": "a JPEG that is not 8-bit RGB or greyscale (CMYK, YCCK, ...)",
+    "jpeg_mpo": "a multi-picture (MPO) camera file",
+    "jpeg_no_eoi": "a JPEG without its end-of-image marker (truncated): PIL decides whether it decodes",
+    "nvjpeg_error": "the device decoder refused it at decode time",
+}
+_DEVICE_MODES = ("RGB", "L")
+_EOI = b"\xff\xd9"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a member's header says: its size, and why the device will not decode it (None: it will)."""
+
+    width: int
+    height: int
+    fallback: str | None
+
+
+def probe_image(data: bytes, *, max_pixels: int) -> Probe:
+    """Read only the header of an image member. Raises RejectError (empty_image, too_large, undecodable) exactly as
+    `decode_image` would for the header, so a sample is rejected for the same reason whichever decoder runs."""
+    im = open_image(data, max_pixels=max_pixels, load=False)
+    w, h = im.size
+    if im.format == "MPO":
+        why = "jpeg_mpo"
+    elif im.format != "JPEG":
+        why = "not_jpeg"
+    elif im.mode not in _DEVICE_MODES or im.info.get("bits", 8) != 8:
+        why = "jpeg_mode"
+    elif not data.rstrip(b"\x00").endswith(_EOI):
+        why = "jpeg_no_eoi"
+    else:
+        why = None
+    return Probe(w, h, why)
+
+
+def device_decode_problem(device: str | torch.device) -> str | None:
+    """Why JPEGs cannot be decoded on `device` by nvjpeg, or None. Only CUDA devices decode with nvjpeg; the CPU
+    path (libjpeg) exists for tests, not for `--decode gpu`."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return f"--decode gpu decodes on the teacher's CUDA device, but --device is {str(dev)!r}: give --device cuda"
+    if not torch.cuda.is_available():
+        return "--decode gpu needs CUDA (nvjpeg through torchvision), and CUDA is not available here: use --decode cpu"
+    return None
+
+
+def _decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
+        warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision",
+                                category=DeprecationWarning)
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_jpegs(datas: list[bytes], *, device: str | torch.device) -> list[torch.Tensor | None]:
+    """Decode JPEG members to uint8 RGB [3, H, W] on `device`, in one batched call; if the batch fails, one image at a
+    time, so that one bad member costs only itself. None where the decoder refused the member."""
+    if not datas:
+        return []
+    dev = torch.device(device)
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        out = _decode(tensors, dev)
+    except RuntimeError:
+        out = []
+        for t in tensors:
+            try:
+                out.append(_decode([t], dev)[0])
+            except RuntimeError:
+                out.append(None)
+    return [None if x is None else _checked(x) for x in out]
+
+
+def _checked(x: torch.Tensor) -> torch.Tensor | None:
+    # ImageReadMode.RGB always gives 3 channels; anything else is a decoder this code does not know, refused.
+    return x if x.dtype == torch.uint8 and x.ndim == 3 and x.shape[0] == 3 else None
+
