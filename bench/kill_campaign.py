@@ -48,8 +48,6 @@ from kdcache.cache import schema
 from kdcache.cache.reader import deterministic_attrs
 from kdcache.locks import lock_path
 
-STEPS = 60  # training steps of every train trial (checkpoints every 3)
-
 
 def make_teacher(path: Path, seed: int = 0) -> str:
     """The embedded tiny teacher config with seeded random weights, as an open_clip local-dir (what tests use)."""

@@ -185,6 +185,9 @@ def test_build_info_verify_train_on_a_store_match_local_disk(store, local_ref, t
     assert url in r.output and "images      20 samples in 2 shards" in r.output
     r = _invoke("verify", url, "--no-progress")
     assert "OK" in r.output
+    key = str(zarr.open_group(url, mode="r")[f"{schema.IMAGES}/00001/key"][0])
+    _invoke("show", url, "--key", key, "--out", str(tmp_path / "views.png"))
+    assert (tmp_path / "views.png").stat().st_size > 0
 
     run = tmp_path / "run"
     _invoke(*_train(url, run))

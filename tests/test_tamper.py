@@ -87,6 +87,21 @@ def test_a_chunk_copied_from_another_unit_is_refused(tmp_path, reference, array)
     _refused(_train_cli(bad, tmp_path / "run"), UNIT0, f"images/00000/{array}", "content digest")
 
 
+def test_the_fix_the_message_gives_rebuilds_the_unit(tmp_path, reference, teacher_spec, shards, classes_file):
+    bad = _copy(reference, tmp_path)
+    shutil.copyfile(_chunks(bad, "00001", "emb")[0], _chunks(bad, "00000", "emb")[0])
+    line = _refused(_verify_cli(bad), UNIT0)
+    assert "does not match" in line
+    r = _train_cli(bad, tmp_path / "run")
+    assert f"delete {schema.STATUS}/{UNIT0} in the cache and rerun the same `kdcache build` with --resume" in r.output
+    shutil.rmtree(bad / schema.STATUS / UNIT0)
+    res = build_cache(bad, teacher=teacher_spec, images=tuple(shards[:2]), views=2, classes=classes_file,
+                      templates="photo", topk=2, batch_size=4, resume=True)
+    assert res.ok and res.summary["this_run"]["images"] == 10  # only the damaged unit was built again
+    assert verify(str(bad), progress=False).ok
+    assert (_chunks(bad, "00000", "emb")[0].read_bytes() == _chunks(reference, "00000", "emb")[0].read_bytes())
+
+
 def test_a_copied_chunk_is_refused_by_train_workers_in_one_line(tmp_path, reference):
     bad = _copy(reference, tmp_path)
     shutil.copyfile(_chunks(bad, "00001", "emb")[0], _chunks(bad, "00000", "emb")[0])
