@@ -243,9 +243,12 @@ def test_resume_removes_a_checkpoint_cut_by_a_kill(tmp_path, small_cache, caplog
     cut.mkdir()
     (cut / "student.safetensors").write_bytes(b"half")
     (out / ".config.json.tmp-99999").write_text("{")
-    with caplog.at_level(logging.INFO, logger="kdcache.train.rundir"):
+    _write_lock(out, pid=_dead_pid(), command="kdcache train --out run (killed)")  # what the kill -9 left
+    with caplog.at_level(logging.INFO):
         train(_cfg(small_cache, out, max_steps=2, resume=True))
     assert not cut.exists() and not (out / ".config.json.tmp-99999").exists()
+    assert "took over the stale lock of `kdcache train --out run (killed)`" in caplog.text
+    assert locks.holder_of(out) is None
     assert "removed checkpoints/.step-00000004.tmp-99999, left by a run killed while writing it" in caplog.text
 
 
@@ -335,11 +338,13 @@ def test_a_root_left_by_a_kill_in_the_first_milliseconds_resumes(tmp_path, teach
             (out / "zarr.json").write_text('{"zarr_format": 3, "node_ty')
         if broken == "vocab half written":
             root.create_group(schema.VOCAB).create_array("classes", shape=(3,), dtype="float32")
-        with caplog.at_level(logging.WARNING, logger="kdcache.cache.build"):
+        _write_lock(out, pid=_dead_pid())  # the killed build's lock, left behind
+        with caplog.at_level(logging.WARNING):
             r = CliRunner().invoke(cli, _build_args(out, teacher_spec, shards[:2], classes_file, "--resume"))
         assert r.exit_code == 0, (broken, r.output)
-        assert "holds only the start of a build killed" in caplog.text
+        assert "holds only the start of a build killed" in caplog.text and "took over the stale lock" in caplog.text
         assert_identical_caches(out, small_cache)
+        assert locks.holder_of(out) is None
         caplog.clear()
     # --overwrite recognises one too; a folder holding anything else is never taken for one
     out = tmp_path / "over.zarr"
