@@ -78,8 +78,13 @@ def copy_uncompressed(src: str, dst: str) -> None:
 
 def realistic_embeddings(path: str, seed: int = 0) -> int:
     """Overwrite every stored embedding with a random unit vector (NaN rows stay NaN), in place and with the arrays'
-    own codecs. A random-init teacher's outputs are nearly constant across inputs and compress ~10x, which would make
-    compression look free; a trained teacher's fp16 embeddings compress little. Returns the rows rewritten."""
+    own codecs, then re-sign each unit's status with the content digests of the rewritten arrays (readers check them;
+    the status is rewritten after the data, as a build does). A random-init teacher's outputs are nearly constant
+    across inputs and compress ~10x, which would make compression look free; a trained teacher's fp16 embeddings
+    compress little. Returns the rows rewritten."""
+    from kdcache.cache import schema
+    from kdcache.cache.reader import open_cache
+
     rng, rows = np.random.default_rng(seed), 0
 
     def walk(g: zarr.Group) -> None:
@@ -95,7 +100,18 @@ def realistic_embeddings(path: str, seed: int = 0) -> int:
                 node[...] = v.astype(node.dtype)
                 rows += int(np.isfinite(v[..., 0]).sum())
 
-    walk(zarr.open_group(path, mode="r+"))
+    root = zarr.open_group(path, mode="r+")
+    # an all-NaN chunk (rejected rows; images without captions) equals the fill value: zarr would delete it by
+    # default, and a reader fails closed on a missing chunk. The build writes every chunk; so does this.
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        walk(root)
+    cache = open_cache(path)
+    for unit in cache.all_units:
+        st = cache.status(unit)
+        if st and st.get(schema.DIGEST_KEY):
+            group = root[unit.data_path]
+            digests = {name: schema.array_digest(group[name][...]) for name in st[schema.DIGEST_KEY]}
+            schema.write_status(root, unit, {**st, schema.DIGEST_KEY: digests})
     return rows
 
 

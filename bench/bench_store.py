@@ -93,26 +93,6 @@ def upload(local: str, url: str) -> int:
     return len(files)
 
 
-def realistic_signed(cache: str) -> None:
-    """bench_read.realistic_embeddings, then each unit's status re-signed with the content digests of the rewritten
-    arrays (readers check them; a status is the unit's single answer, so it is rewritten after the data as a build
-    would)."""
-    import zarr
-
-    from kdcache.cache import schema
-    from kdcache.cache.reader import open_cache
-
-    realistic_embeddings(cache)
-    c, root = open_cache(cache), zarr.open_group(cache, mode="r+")
-    for unit in c.all_units:
-        st = c.status(unit)
-        if not st or not st.get(schema.DIGEST_KEY):
-            continue
-        group = root[unit.data_path]
-        digests = {name: schema.array_digest(group[name][...]) for name in st[schema.DIGEST_KEY]}
-        schema.write_status(root, unit, {**st, schema.DIGEST_KEY: digests})
-
-
 def train_cmd(cache: str, out: Path, *, tower: str, batch_size: int, workers: int) -> list[str]:
     """`kdcache train` as a user types it: one epoch; the image tower reads the local shards the cache records."""
     return [sys.executable, "-m", "kdcache.cli.main", "train", "--cache", cache, "--tower", tower,
@@ -146,7 +126,7 @@ def main(argv=None) -> dict:
             captions = write_captions(tmp / "captions.txt", "txt", n=args.n_captions)
             cache = build_cache(tmp, images=images, captions=captions, teacher=wide_tiny_teacher(tmp, 512),
                                 pretrained=None, views=args.views)
-            realistic_signed(cache)
+            realistic_embeddings(cache)
             url = f"s3://{BUCKET}/cache.zarr"
             objects = upload(cache, url)
             print(f"  setup {time.perf_counter() - t0:.1f} s: cache {store_bytes(cache) / 1e6:.1f} MB, {objects} "
