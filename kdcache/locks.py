@@ -213,13 +213,7 @@ class _Local:
         """Delete the lock if it still has `token` (None: if it is still unreadable), under an flock of the parent
         folder so that two processes taking over one stale lock cannot delete each other's new lock."""
         with _flocked(Path(self.path).parent):
-            text, _ = self.read()
-            if text is None:
-                return False
-            try:
-                ok = Holder.from_json(text).token == token
-            except (ValueError, KeyError, TypeError):
-                ok = token is None
+            ok = _holds_token(self.read()[0], token)
             if ok:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
@@ -282,13 +276,7 @@ class _Remote:
             return None, 0.0
 
     def remove_if(self, token: str | None) -> bool:
-        text, _ = self.read()
-        if text is None:
-            return False
-        try:
-            ok = Holder.from_json(text).token == token
-        except (ValueError, KeyError, TypeError):
-            ok = token is None
+        ok = _holds_token(self.read()[0], token)
         if ok:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self.key)
@@ -390,3 +378,13 @@ class WriterLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _holds_token(text: str | None, token: str | None) -> bool:
+    """Whether a lock's text is the holder with `token` (None: a lock whose text is unreadable); False when absent."""
+    if text is None:
+        return False
+    try:
+        return Holder.from_json(text).token == token
+    except (ValueError, KeyError, TypeError):
+        return token is None
