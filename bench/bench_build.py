@@ -6,6 +6,8 @@
     python bench/bench_build.py --teacher local-dir:../shared/teachers/kdc-cifar10-rn18 \
         --images ../shared/data/cifar10/cifar10-train-000.tar --limit 2048    # small real teacher, real data
     python bench/bench_build.py --device cuda --precision fp16 --workers 8 --n-images 4096   # the GPU target
+    python bench/bench_build.py --whole-process [--load]     # separate processes, marginal cost per image (see
+                                                             # bench/bench_build_process.py)
 
 Configurations (each one loads its own teacher, in the same way, inside its timed region; each also embeds the
 shards' paired captions (.txt) with the text tower when there are any, as the build does — the synthetic shards have
@@ -337,7 +339,15 @@ def kdcache_build(spec: str, pretrained, urls: list[str], out: str, *, views: in
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--whole-process" in argv:  # the marginal whole-process cost against a naive script: bench_build_process.py
+        from bench_build_process import main as whole_process
+
+        return whole_process([a for a in argv if a != "--whole-process"])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--whole-process", action="store_true",
+                    help="kdcache build and a naive script as separate processes, marginal cost per image "
+                         "(bench/bench_build_process.py; its options follow)")
     ap.add_argument("--teacher", default="ViT-B-32")
     ap.add_argument("--pretrained", default=None)
     ap.add_argument("--images", nargs="*", default=None, help="shards (default: synthetic 256-512 px JPEGs)")

@@ -38,7 +38,7 @@ from kdcache.cache.config import BuildConfig, BuildError, BuildResult, view_poli
 from kdcache.cache.dist import Dist, init_distributed
 from kdcache.cache.plan import RankPlan, plan_rank, plan_units
 from kdcache.cache.schema import Unit
-from kdcache.cache.stream import Batch, shard_loader
+from kdcache.cache.stream import Batch, one_thread, shard_loader
 from kdcache.cache.writer import (
     UnitWriter,
     cache_exists,
@@ -280,7 +280,7 @@ class _Builder:
         """Image shards, then caption blocks, each unit handed to the background writer once finished. On Ctrl-C the
         writes already started are finished (each unit whole, its status last) before the interrupt goes on."""
         cfg, dist = self.cfg, self.dist
-        self.writer = UnitWriter(self.root)
+        self.writer = UnitWriter(self.root, background=self.teach.teacher.device.type != "cpu")
         interrupted = False
         try:
             with tqdm(desc=f"images (rank {dist.rank})" if dist.world > 1 else "images", unit="img",
@@ -318,7 +318,7 @@ class _Builder:
                                     device=self.cfg.decode_device or teach.teacher.device)
         parts: dict[str, list] = {}  # unit name -> teacher outputs of its batches so far
         rows_seen, shards_seen = 0, 0
-        for item in loader:
+        for item in one_thread(loader) if loader.num_workers == 0 else loader:
             if isinstance(item, Batch):
                 emb, idx, val, lse, hints = teach.image_outputs(item.pixels if on_device is None
                                                                 else on_device.pixels(item))

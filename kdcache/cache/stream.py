@@ -11,7 +11,7 @@ and the main process renders it there (`kdcache.cache.gpuviews`); other members 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -193,6 +193,23 @@ def _record_arrays(records: list[list[ViewRecord] | None], policy: Policy, views
         for k, a in packed.items():
             out[k][rows] = a.reshape(len(rows), views, *a.shape[1:])
     return out
+
+
+def one_thread(items: Iterable) -> Iterator:
+    """`items`, each one produced with torch on one thread (the caller's thread count restored before it gets it):
+    the stream in the main process (no DataLoader worker) decodes and renders as a worker would, on one thread,
+    instead of waking the teacher's OpenMP threads for every small tensor copy between two forwards."""
+    it = iter(items)
+    while True:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            torch.set_num_threads(threads)
+        yield item
 
 
 def shard_loader(units: list[Unit], *, preprocess: dict, cfg: BuildConfig, limit: int | None,

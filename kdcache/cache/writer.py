@@ -1,9 +1,11 @@
-"""The build's last step, the writer: the store, finished units written on a background thread, consolidation.
+"""The build's last step, the writer: the store, finished units written (on a background thread beside a GPU
+teacher), consolidation.
 
 A finished unit's arrays are written whole, then its status (DESIGN: a unit's status is written after its data, so
-"is this unit done?" has one answer). Writes run on one background thread so compression overlaps the teacher's next
-batch. After every rank has finished, rank 0 consolidates: it reads each unit's status, lists duplicate keys and
-marks the cache complete or incomplete.
+"is this unit done?" has one answer). With the teacher on a GPU, writes run on one background thread so compression
+overlaps the teacher's next batch; with it on the CPU they run between batches, on the build's own thread. After every
+rank has finished, rank 0 consolidates: it reads each unit's status, lists duplicate keys and marks the cache complete
+or incomplete.
 """
 
 from __future__ import annotations
@@ -40,15 +42,24 @@ def write_unit(root: zarr.Group, unit: Unit, specs: dict[str, ArraySpec], data: 
 
 class UnitWriter:
     """Writes finished units on one background thread, overlapped with the next batch; at most two finished units
-    wait for their writes, which bounds memory."""
+    wait for their writes, which bounds memory.
 
-    def __init__(self, root: zarr.Group):
+    With background=False (a teacher on the CPU) each unit is written at once, on the calling thread, between two
+    teacher batches: there the forward already has every core (torch's OpenMP threads), and a writer thread (and the
+    zarr I/O and compression threads it wakes) running beside it would not overlap anything; it would take a core
+    from one OpenMP thread and stall the others at the forward's next barrier."""
+
+    def __init__(self, root: zarr.Group, *, background: bool = True):
         self.root = root
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer") if background else None
         self._pending: list[Future] = []
 
     def submit(self, unit: Unit, specs: dict[str, ArraySpec], data: dict[str, np.ndarray], status: dict) -> None:
-        """Queue a finished unit's write (data, then status); blocks while two writes are already waiting."""
+        """Queue a finished unit's write (data, then status); blocks while two writes are already waiting. Without a
+        background thread, write it now."""
+        if self._pool is None:
+            write_unit(self.root, unit, specs, data, status)
+            return
         while len(self._pending) >= 2:
             self._pending.pop(0).result()
         self._pending.append(self._pool.submit(write_unit, self.root, unit, specs, data, status))
@@ -61,7 +72,8 @@ class UnitWriter:
 
     def close(self) -> None:
         """Stop the thread once the writes already started have finished."""
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 # ----------------------------------------------------------------------------------------------------------- store
