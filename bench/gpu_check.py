@@ -15,6 +15,13 @@
 
     python bench/gpu_check.py --dry-run --n-images 16 --out /tmp/gpu_check.json   # part 4's helpers on the CPU
                                                                                  # (libjpeg stands in for nvjpeg)
+
+Part 4 on real photos and a real teacher (the issue's fidelity target is on real photos; the default is synthetic
+photo-like JPEGs and a random-init ViT-B-32):
+
+    python bench/gpu_check.py --only-decode --images photos-{000..007}.tar --teacher hf-hub:ORG/CLIP --limit 2048
+    python bench/gpu_check.py --dry-run --images ../shared/data/cifar10/cifar10-test-000.tar \
+        --teacher local-dir:../shared/teachers/kdc-cifar10-rn18 --limit 1000       # the same on the CPU
 """
 
 from __future__ import annotations
@@ -77,9 +84,11 @@ def decode_fidelity(cache: str, teacher) -> dict:
             "p01_cos": float(np.quantile(cos, 0.01))}
 
 
-def gpu_decode_part(tmp: Path, *, n_images: int, dry_run: bool, bare: float | None) -> dict:
-    """Part 4. The dry run uses the tiny teacher on the CPU and runs the decode path there (libjpeg, not nvjpeg): it
-    checks the helpers, not the numbers."""
+def gpu_decode_part(tmp: Path, *, n_images: int, dry_run: bool, bare: float | None, images: tuple[str, ...] = (),
+                    teacher: str | None = None, limit: int | None = None) -> dict:
+    """Part 4. The dry run uses the tiny teacher (or `teacher`) on the CPU and runs the decode path there (libjpeg,
+    not nvjpeg): with the defaults it checks the helpers, not the numbers. `images` (shards, the first `limit` images)
+    replace the synthetic JPEGs in both the throughput and the fidelity builds."""
     from bench_build import synth_shards
 
     from kdcache.cache.build import run
@@ -87,9 +96,12 @@ def gpu_decode_part(tmp: Path, *, n_images: int, dry_run: bool, bare: float | No
     from kdcache.quickstart import tiny_teacher_path
     from kdcache.teacher import load_teacher
 
-    per = max(1, n_images // 8) if not dry_run else n_images
-    shards = synth_shards(tmp / "dec", 1 if dry_run else 8, per, seed=1)
-    spec = tiny_teacher_path() if dry_run else "ViT-B-32"
+    if images:
+        shards = list(images)
+    else:
+        per = max(1, n_images // 8) if not dry_run else n_images
+        shards = synth_shards(tmp / "dec", 1 if dry_run else 8, per, seed=1)
+    spec = teacher or (tiny_teacher_path() if dry_run else "ViT-B-32")
     device, prec, batch = ("cpu", "fp32", 16) if dry_run else ("cuda", "fp16", 256)
     where = {"decode_device": "cpu"} if dry_run else {}
     rates = {}
@@ -97,18 +109,21 @@ def gpu_decode_part(tmp: Path, *, n_images: int, dry_run: bool, bare: float | No
         t0 = time.perf_counter()
         r = run(BuildConfig(out=str(tmp / f"dec-{decode}.zarr"), teacher=spec, allow_random_init=True,
                             images=tuple(shards), device=device, precision=prec, batch_size=batch, workers=workers,
-                            decode=decode, progress=False, **(where if decode == "gpu" else {})))
+                            decode=decode, limit=limit, progress=False, **(where if decode == "gpu" else {})))
         rates[decode] = r.summary["images"] / (time.perf_counter() - t0)
-    # Fidelity: a fp32 build of the first shard with 2 views, replayed with PIL through the same fp32 teacher.
+    # Fidelity: a fp32 build with 2 views (of the first shard, or of the first `limit` images given), replayed with PIL
+    # through the same fp32 teacher.
     out = str(tmp / "dec-fidelity.zarr")
-    run(BuildConfig(out=out, teacher=spec, allow_random_init=True, images=tuple(shards[:1]), device=device,
-                    precision="fp32", embed_dtype="fp32", views=2, batch_size=batch, decode="gpu", progress=False,
-                    **where))
-    teacher = load_teacher(spec, allow_random_init=True, device=device, precision="fp32")
-    res = {"dry_run": dry_run, "build_img_s": rates, "fidelity": decode_fidelity(out, teacher),
-           "note": "dry run: CPU, tiny teacher, libjpeg in place of nvjpeg" if dry_run else
-                   "ViT-B-32 random init; synthetic photo-like JPEGs of 256-512 px; build seconds include teacher "
-                   "load and worker start-up"}
+    run(BuildConfig(out=out, teacher=spec, allow_random_init=True, images=tuple(shards if images else shards[:1]),
+                    device=device, precision="fp32", embed_dtype="fp32", views=2, batch_size=batch, decode="gpu",
+                    limit=limit, progress=False, **where))
+    fidelity_teacher = load_teacher(spec, allow_random_init=True, device=device, precision="fp32")
+    what = (f"teacher {spec}; " + (f"images {', '.join(images)}" + (f" (first {limit})" if limit else "")
+                                   if images else "synthetic photo-like JPEGs of 256-512 px"))
+    res = {"dry_run": dry_run, "build_img_s": rates, "fidelity": decode_fidelity(out, fidelity_teacher),
+           "teacher": spec, "images": list(images) or "synthetic", "limit": limit,
+           "note": f"dry run: CPU, libjpeg in place of nvjpeg; {what}" if dry_run else
+                   f"{what}; build seconds include teacher load and worker start-up"}
     if bare:
         res["ratio_build_over_bare"] = {k: v / bare for k, v in rates.items()}
     return res
@@ -120,10 +135,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-images", type=int, default=2048, help="real-sized JPEGs for the throughput part")
     ap.add_argument("--dry-run", action="store_true", help="only part 4's helpers, on the CPU (no CUDA needed)")
     ap.add_argument("--only-decode", action="store_true", help="only part 3's bare forward and part 4 (on CUDA)")
+    ap.add_argument("--images", nargs="+", default=(), metavar="SHARD",
+                    help="part 4 on these shards (real photos) instead of synthetic JPEGs")
+    ap.add_argument("--teacher", default=None,
+                    help="part 4's teacher (default: ViT-B-32 random init; the tiny test teacher with --dry-run)")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N images of --images")
     args = ap.parse_args(argv)
+    part4 = {"images": tuple(args.images), "teacher": args.teacher, "limit": args.limit}
     if args.dry_run:
         res = {"gpu_decode": gpu_decode_part(Path(tempfile.mkdtemp(prefix="kdc-gpu-")), n_images=args.n_images,
-                                             dry_run=True, bare=None)}
+                                             dry_run=True, bare=None, **part4)}
         print(res, flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2))
@@ -136,7 +157,7 @@ def main(argv=None) -> dict:
         res = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
         bare = _bare_forward(load_teacher("ViT-B-32", allow_random_init=True, device="cuda", precision="fp16"))
         res["gpu_decode"] = gpu_decode_part(Path(tempfile.mkdtemp(prefix="kdc-gpu-")), n_images=args.n_images,
-                                            dry_run=False, bare=bare)
+                                            dry_run=False, bare=bare, **part4)
         res["gpu_decode"]["bare_forward_img_s"] = bare
         print(res, flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +229,7 @@ def main(argv=None) -> dict:
                          "note": "build seconds include teacher load and worker start-up; decode of 256-512 px "
                                  "JPEGs runs on the CPU workers"}
     print(res["throughput"], flush=True)
-    res["gpu_decode"] = gpu_decode_part(tmp, n_images=args.n_images, dry_run=False, bare=bare)
+    res["gpu_decode"] = gpu_decode_part(tmp, n_images=args.n_images, dry_run=False, bare=bare, **part4)
     print(res["gpu_decode"], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))

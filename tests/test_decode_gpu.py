@@ -256,3 +256,22 @@ def test_gpu_check_dry_run_exercises_its_cpu_helpers(tmp_path):
     assert d["fidelity"]["views"] == 32 and 0.99 <= d["fidelity"]["min_cos"] <= 1.0
     assert d["build_img_s"]["gpu"] > 0 and d["build_img_s"]["cpu"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["gpu_decode"]["dry_run"] is True
+
+
+def test_gpu_check_part_4_takes_real_shards_a_teacher_and_a_limit(tmp_path):
+    """The fidelity target is on real photos: --images/--teacher/--limit replace the synthetic JPEGs and the default
+    teacher in part 4 (here: two synthetic shards standing in for real ones, the first 5 images, 2 views each)."""
+    from kdcache.quickstart import tiny_teacher_path
+    from kdcache.synth import write_image_shards
+
+    path = Path(__file__).parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shards = [str(s) for s in write_image_shards(tmp_path / "s", n_shards=2, per_shard=4, seed=3)]
+    teacher = tiny_teacher_path()
+    res = mod.main(["--dry-run", "--out", str(tmp_path / "r.json"), "--images", *shards, "--teacher", teacher,
+                    "--limit", "5"])["gpu_decode"]
+    assert res["fidelity"]["views"] == 10 and 0.99 <= res["fidelity"]["min_cos"] <= 1.0
+    assert res["images"] == shards and res["teacher"] == teacher and res["limit"] == 5
+    assert "first 5" in res["note"] and "libjpeg" in res["note"]
