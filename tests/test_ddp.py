@@ -296,3 +296,44 @@ def test_resume_after_kill9_of_a_rank_ends_with_the_uninterrupted_weights(cache,
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["step"] for r in _train_rows(out)] == list(range(1, 21))  # rows past the checkpoint replaced
+
+
+def _guard_rank(rank: int, pg: str, out: str) -> None:
+    """One rank of test_a_nan_on_one_rank_stops_every_rank_with_one_message: step 1 finite on both ranks; at step 2
+    only rank 1's cosine term is NaN (a row only it holds), with a finite gradient norm on both ranks."""
+    import torch.distributed as dist
+
+    from kdcache.train.finite import NonFiniteError, StepGuard
+
+    dist.init_process_group("gloo", init_method=f"file://{pg}", rank=rank, world_size=2)
+    try:
+        guard = StepGuard(scaler_enabled=False, max_skipped=0, reduce=ddp.Ranks(rank=rank, world=2).all_sum)
+        seen = []
+        for step in (1, 2):
+            for _ in range(2):  # two micro-batches per step
+                cos = torch.tensor(float("nan") if (rank, step) == (1, 2) else 0.5)
+                guard.micro({"cosine_loss": cos, "l1_loss": torch.tensor(0.25), "loss": cos + 0.25})
+            try:
+                seen.append(guard.step_ok(step=step, grad_norm=1.0))
+            except NonFiniteError as e:
+                seen.append(str(e))
+        Path(out).write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_one_message(tmp_path):
+    """The step guard sums each step's loss terms over the ranks: a NaN term on rank 1 only stops rank 0 too, at the
+    same step, naming the same term (a rank stopping alone would leave the other waiting in its next collective)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_run_guard_rank, args=(str(tmp_path),), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0] == got[1]
+    assert got[0][0] is True and got[0][1].startswith("training stopped at step 2: non-finite loss term(s) "
+                                                      "cosine_loss=nan"), got[0]
+    assert "l1_loss" not in got[0][1]
+
+
+def _run_guard_rank(rank: int, tmp: str) -> None:
+    _guard_rank(rank, f"{tmp}/pg", f"{tmp}/rank{rank}.json")

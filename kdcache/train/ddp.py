@@ -95,6 +95,13 @@ class Ranks:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed element-wise over the ranks, in place (the same shape on every rank; NaN and inf propagate, so
+        a non-finite value on one rank is non-finite on all)."""
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
     def mean(self, values: dict[str, float], device: torch.device) -> dict[str, float]:
         """Each value averaged over the ranks (the same keys on every rank)."""
         if self.world == 1:

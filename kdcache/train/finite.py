@@ -8,13 +8,17 @@ follows it, so nothing is ever saved from a NaN state: the run's latest checkpoi
 claims the run done.
 
 One device sync per optimizer step: the terms of its micro-batches are stacked on the device and read once. Under
-DDP the gradient norm is the same on every rank (gradients are all-reduced), so every rank stops at the same step.
+DDP the terms are summed over the ranks first (`reduce`, one small all-reduce per step) and the gradient norm is the
+same on every rank (gradients are all-reduced), so every rank sees the same non-finite terms and stops at the same
+step with the same message, whichever rank's rows gave the NaN (a rank that stopped alone would leave the others
+waiting in their next collective).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -38,8 +42,10 @@ class StepGuard:
     """Told each micro-batch's loss terms and each step's gradient norm; says whether the optimizer may apply the
     step, and raises NonFiniteError when the run must stop (see the module docstring)."""
 
-    def __init__(self, *, scaler_enabled: bool, max_skipped: int) -> None:
+    def __init__(self, *, scaler_enabled: bool, max_skipped: int,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.scaler_enabled = scaler_enabled
+        self.reduce = reduce      # DDP: sums a [micro-batches, terms] tensor over the ranks
         self.max_skipped = max_skipped
         self.skipped = 0          # consecutive skipped steps (fp16 scaler)
         self.total_skipped = 0
@@ -55,7 +61,10 @@ class StepGuard:
         """The step's non-finite terms by name; the total "loss" only when no named term is non-finite."""
         if not self._values:
             return {}
-        values = torch.stack(self._values).cpu()  # [micro-batches, terms]: the one sync
+        values = torch.stack(self._values)  # [micro-batches, terms]
+        if self.reduce is not None:
+            values = self.reduce(values)
+        values = values.cpu()  # the one sync
         self._values = []
         bad: dict[str, float] = {}
         for row in values.tolist():

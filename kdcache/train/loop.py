@@ -294,7 +294,8 @@ def _run(cfg: TrainConfig, *, targets: Targets | None, ranks: ddp.Ranks) -> Trai
                                        {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup, total))
         scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
-        guard = StepGuard(scaler_enabled=scaler.is_enabled(), max_skipped=cfg.max_skipped_steps)  # NaN never passes
+        guard = StepGuard(scaler_enabled=scaler.is_enabled(), max_skipped=cfg.max_skipped_steps,  # NaN never passes
+                          reduce=ranks.all_sum if ranks.world > 1 else None)
 
         if ckpt is not None:
             student.load_state_dict(load_file(str(ckpt / rundir.WEIGHTS), device=str(device)))
