@@ -148,8 +148,17 @@ def test_non_finite_validation_stops_before_its_checkpoint(cache, tmp_path, monk
         run(_cfg(cache, out, max_steps=3, checkpoint_every=2, val_fraction=0.2))
     assert not (out / "done.json").exists() and not (out / "final").exists()
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000002"
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in rows] == ["train"] * 3 + ["val"] and math.isnan(rows[-1]["val_loss"])
+    rows = [_strict(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["train"] * 3 + ["val"]
+    assert rows[-1]["val_loss"] is None and rows[-1]["non_finite"] == {"val_cosine_loss": "nan", "val_loss": "nan"}
+    assert math.isfinite(rows[-1]["val_cosine"])  # the finite metrics of that pass are kept as they were
+
+
+def _strict(line: str) -> dict:
+    """A metrics.jsonl row parsed as strict JSON (no NaN/Infinity tokens, which jq and JavaScript refuse)."""
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token} in {line}")
+    return json.loads(line, parse_constant=refuse)
 
 
 def test_divergence_from_a_huge_lr_stops_non_zero_without_saving_nan(cache, tmp_path):
@@ -205,6 +214,10 @@ def test_fp16_scaler_skips_up_to_max_skipped_steps(cache, tmp_path, monkeypatch)
     final = load_file(str(tmp_path / "ok" / "final" / "student.safetensors"))
     assert all(torch.isfinite(v).all() for v in final.values())
     assert _skipped_steps(tmp_path / "ok") == [3, 4]  # metrics say which steps were not applied
+    rows = {r["step"]: r for r in map(_strict, (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"}
+    assert rows[3]["cosine_loss"] is None and rows[3]["non_finite"]["cosine_loss"] == "nan"
+    assert "non_finite" not in rows[2] and math.isfinite(rows[2]["loss"])
 
 
 def _skipped_steps(run_dir: Path) -> list[int]:

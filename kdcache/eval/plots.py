@@ -11,7 +11,6 @@ state, and nothing ever tries to open a window. matplotlib is imported when a fi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,17 +107,12 @@ def plot_per_class(per_class: dict, classes: Sequence[str], path: Path, *, title
 
 # ------------------------------------------------------------------------------------------------------- compare
 
-def _read_metrics(run_dir: str) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.is_file():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-
 def plot_training(runs: dict[str, str], path: Path) -> bool:
     """Training loss and validation agreement/cosine against step, one colour per run (legend: the dict's keys).
     False, and nothing written, if no run has metrics."""
-    data = {label: _read_metrics(d) for label, d in runs.items()}
+    from kdcache.train.rundir import read_metrics
+
+    data = {label: read_metrics(d) for label, d in runs.items()}
     data = {k: v for k, v in data.items() if v}
     if not data:
         return False

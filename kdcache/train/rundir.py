@@ -20,6 +20,7 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -228,6 +229,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ck if (ck / "meta.json").exists() else None
 
 
+def strict_row(row: dict) -> dict:
+    """`row` as strict JSON can hold it: a NaN or infinite value (a step the fp16 scaler skipped, a validation pass
+    that gave NaN before the run stopped) becomes null, and "non_finite" names each such field with its value
+    ("nan", "inf", "-inf"), so jq, JavaScript and CSV readers parse every row and nothing is lost."""
+    bad = {k: str(v) for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)}
+    if not bad:
+        return row
+    return {**{k: None if k in bad else v for k, v in row.items()}, "non_finite": bad}
+
+
 class Metrics:
     """metrics.jsonl (appended every step) and metrics.csv (rewritten from the JSONL at each epoch end)."""
 
@@ -244,7 +255,7 @@ class Metrics:
         return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
 
     def log(self, row: dict) -> None:
-        self.fh.write(json.dumps(row) + "\n")
+        self.fh.write(json.dumps(strict_row(row), allow_nan=False) + "\n")
         self.fh.flush()
 
     def write_csv(self) -> None:
