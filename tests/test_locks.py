@@ -179,6 +179,35 @@ def test_a_build_is_refused_while_another_holds_the_cache_and_the_first_cache_is
     assert locks.holder_of(small_cache) is None
 
 
+def test_two_real_build_processes_on_one_out_the_second_is_refused_and_the_first_completes(
+        tmp_path, small_cache, teacher_spec, shards, classes_file):
+    """Two `kdcache build` processes on one --out, the second with --overwrite while the first is mid-build (frozen
+    with SIGSTOP once its lock exists, so the overlap is certain): the second exits 1 naming the first's pid and
+    touches nothing; the first, resumed, completes the same cache an undisturbed build makes, and verify passes."""
+    import signal
+
+    out = tmp_path / "c.zarr"
+    cmd = [sys.executable, "-m", "kdcache.cli.main", *_build_args(out, teacher_spec, shards[:2], classes_file)]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lock, deadline = Path(f"{out}.lock"), time.monotonic() + 120
+    while not lock.exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.01)
+    os.kill(first.pid, signal.SIGSTOP)  # holding its lock, mid-build
+    try:
+        second = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    said = second.stdout + second.stderr
+    assert second.returncode == 1 and f"pid {first.pid}" in said and "Traceback" not in said, said
+    printed = first.communicate(timeout=300)[0]
+    assert first.returncode == 0 and "complete" in printed, printed
+    assert_identical_caches(out, small_cache)
+    r = CliRunner().invoke(cli, ["verify", str(out)])
+    assert r.exit_code == 0, r.output
+    assert locks.holder_of(out) is None
+
+
 def test_a_build_takes_over_a_stale_lock_and_releases_its_own_on_error(tmp_path, teacher_spec, shards, caplog):
     out = tmp_path / "c.zarr"
     _write_lock(out, pid=_dead_pid())
