@@ -457,3 +457,28 @@ def test_compare_paired_ci_against_a_reference(three, work, tmp_path):
     assert f"## Paired differences against {names[-1]}" in md2
     with pytest.raises(CompareError, match="--reference 'nope'"):
         compare([str(report_dir)], out=None, paired_ci=True, reference="nope")
+
+
+def test_an_extreme_aspect_image_in_a_test_shard_is_one_reject(work, tmp_path):
+    """A 3,000,000x1 PNG (a few KB, under max_pixels) would ask the eval resize for ~672M x 224 pixels: eval rejects
+    it as the build does, counts it in the report and scores the rest."""
+    import io
+
+    from PIL import Image
+
+    from kdcache.synth import write_tar
+
+    def png(size):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    shard = write_tar(tmp_path / "odd.tar", [
+        ("a.png", png((64, 48))), ("a.cls", b"0"),
+        ("wide.png", png((3_000_000, 1))), ("wide.cls", b"1"),
+        ("b.png", png((40, 60))), ("b.cls", b"2"),
+    ])
+    run(EvalConfig(models=(work["teacher"],), out=str(tmp_path / "r"), data=(shard,), task="zeroshot",
+                         classes=work["classes"], templates="photo", **FAST))
+    data = json.loads((tmp_path / "r" / "report.json").read_text())["data"]
+    assert data["rejected"] == {"extreme_aspect": 1} and data["samples"] == 2, data

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from kdcache.eval.models import EvalModel
 from kdcache.shards import DEFAULT_MAX_PIXELS, RejectError, Sample, ShardReport, iter_shard, parse_sample
 from kdcache.subset import EVERYTHING, Subset, shard_name
+from kdcache.views import eval_view_problem
 
 if TYPE_CHECKING:
     from kdcache.eval.tasks import Task
@@ -83,6 +84,15 @@ def _encode_batch(models: Sequence[EvalModel], batch: list[Sample], col: Collect
             col.text_emb[m.label].append(m.encode_texts([s.caption for s in batch]))
 
 
+def _eval_view_problem(models: Sequence[EvalModel], s: Sample) -> str | None:
+    """Why some model's eval transform cannot run on `s`'s image (as the build rejects it), or None."""
+    for m in models:
+        why = eval_view_problem(*s.image.size, m.preprocess, max_pixels=DEFAULT_MAX_PIXELS)
+        if why is not None:
+            return f"{why} ({m.label})"
+    return None
+
+
 def collect(models: Sequence[EvalModel], urls: Sequence[str], *, task: Task, batch_size: int, limit: int | None,
             progress: bool, subset: Subset = EVERYTHING) -> Collected:
     """One pass over the shards: every model embeds every sample `subset` keeps (with resolved class ids) that the
@@ -101,6 +111,11 @@ def collect(models: Sequence[EvalModel], urls: Sequence[str], *, task: Task, bat
             reason = task.skip_reason(s, url)
             if reason is not None:
                 col.skipped[reason] += 1
+                continue
+            why = _eval_view_problem(models, s)
+            if why is not None:  # a 3,000,000x1 PNG passes max_pixels, then asks a resize for billions of pixels
+                col.rejected["extreme_aspect"] += 1
+                log.warning("%s: sample %r rejected (extreme_aspect): %s", url, s.key, why)
                 continue
             col.keys.append(s.key)
             col.urls.append(url)
