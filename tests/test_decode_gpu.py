@@ -275,3 +275,43 @@ def test_gpu_check_part_4_takes_real_shards_a_teacher_and_a_limit(tmp_path):
     assert res["fidelity"]["views"] == 10 and 0.99 <= res["fidelity"]["min_cos"] <= 1.0
     assert res["images"] == shards and res["teacher"] == teacher and res["limit"] == 5
     assert "first 5" in res["note"] and "libjpeg" in res["note"]
+
+
+@pytest.mark.parametrize("decode", ["gpu", "cpu"], ids=["nvjpeg-cache", "pil-cache"])  # an id "gpu" means CUDA
+def test_a_row_pil_cannot_replay_names_the_decoder_and_the_way_around(tmp_path, shards, teacher_spec, decode):
+    """A row the build accepted whose image PIL now refuses (nvjpeg takes some bytes PIL refuses; or the shard was
+    rewritten): training stops with one line that names the key, says why for this cache's decoder and how to train
+    without it, and that way works. Here the shard is rewritten with the same keys and one image's bytes spoiled."""
+    import tarfile
+
+    from kdcache.train.config import TrainConfig
+    from kdcache.train.dataspec import DataError
+    from kdcache.train.loop import run as train
+
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(Path(shards[0]).read_bytes())
+    out = tmp_path / "c.zarr"
+    build_cache(out, teacher=teacher_spec, images=(str(shard),), decode=decode, limit=4,
+                **({"decode_device": "cpu"} if decode == "gpu" else {}))
+    with tarfile.open(shards[0]) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()]
+    first_image = next(m.name for m, _ in members if m.name.endswith((".jpg", ".png")))
+    with tarfile.open(shard, "w") as dst:
+        for m, data in members:
+            data = b"\xff\xd8\xff\xe0 not a picture" if m.name == first_image else data
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    key = first_image.rsplit(".", 1)[0]
+    with pytest.raises(DataError) as e:
+        train(TrainConfig(cache=str(out), tower="image", student="kdc-tiny-image", out=str(tmp_path / "run"),
+                          max_steps=2, batch_size=4, threads=1, progress=False, val_fraction=0.0))
+    msg = str(e.value)
+    assert f"(key {key!r})" in msg and f"--exclude '{key}' trains without it" in msg, msg
+    assert ("nvjpeg (--decode gpu)" in msg) == (decode == "gpu") and "rewritten" in msg
+    # the way around it works: the same run without that key trains to the end
+    from kdcache.subset import Subset
+
+    res = train(TrainConfig(cache=str(out), tower="image", student="kdc-tiny-image", out=str(tmp_path / "run2"),
+                            max_steps=2, batch_size=3, threads=1, progress=False, val_fraction=0.0,
+                            subset=Subset(exclude=(key,))))
+    assert res.steps == 2

@@ -15,9 +15,10 @@ How the order stays the same whatever `workers` is, while every read stays seque
    DataLoader with batch_size=None round-robins over its workers, so it returns batches 0, 1, 2, ... in order.
 3. Resuming at step k skips the first k batches without materialising them.
 
-The pieces: `dataspec` (DataSpec, DataError), `order` (the pure order functions), `rows` (`ImageRows`, `TextRows`:
-a tower's units, split filter, unit rows and batch materialisation), this module (`TrainStream`, `count_rows`) and
-`loader` (`make_loader`, `EpochLoader`: the DataLoader around a stream, and the packing of worker batches).
+The pieces: `dataspec` (DataSpec, DataError), `order` (the pure order functions), `rows` (`Rows`, `ImageRows`) and
+`textrows` (`TextRows`): a tower's units, split filter, unit rows and batch materialisation; this module
+(`TrainStream`, `count_rows`) and `loader` (`make_loader`, `EpochLoader`: the DataLoader around a stream, and the
+packing of worker batches).
 
 Memory is bounded by the shuffle buffer and a few units' cache arrays (the text tower's rows refer to their unit's
 arrays until they leave the buffer), never by the dataset. Validation reads units in cache order without shuffling
@@ -34,7 +35,8 @@ import torch
 
 from kdcache.train.dataspec import DataError, DataSpec
 from kdcache.train.order import SPLITS, row_order, worker_batches
-from kdcache.train.rows import CaptionBlock, ImageRows, RawRow, Rows, TextRows
+from kdcache.train.rows import ImageRows, RawRow, Rows
+from kdcache.train.textrows import CaptionBlock, TextRows
 
 # The rows class of each tower (kdcache.constants.TOWERS): the one place a tower name picks behaviour.
 ROWS: dict[str, type[Rows]] = {"image": ImageRows, "text": TextRows}
