@@ -19,7 +19,7 @@ import torchvision.transforms.v2.functional as F2
 from open_clip.transform import CenterCropOrPad, MaybeConvertMode, ResizeKeepRatio
 from torchvision.transforms import CenterCrop, Resize
 
-from kdcache.augment import ViewRecord, finish_view
+from kdcache.augment import ViewRecord, finish_view, render
 from kdcache.views import _INTERPOLATION, eval_resize, eval_transform_uint8, size_hw
 
 
@@ -38,6 +38,18 @@ class TensorViews:
             if not isinstance(s, (Resize, CenterCrop, CenterCropOrPad, ResizeKeepRatio, MaybeConvertMode)):
                 raise RuntimeError(f"unexpected open_clip eval transform step {s!r} (this open_clip is not supported)")
         self.eval_steps = steps
+        self._eval_tf = None  # the PIL eval transform, built on first use (`render` of a PIL picture)
+
+    def render(self, pic, rec: ViewRecord | None) -> torch.Tensor:
+        """View 0 (`rec` None) or a random view of a decoded picture: a tensor on its device, or, for a picture the
+        device did not decode (a PIL image), as the PIL path renders it (`--decode cpu`), on the CPU."""
+        if isinstance(pic, torch.Tensor):
+            return self.eval_view(pic) if rec is None else self.view(pic, rec)
+        if rec is None:
+            if self._eval_tf is None:
+                self._eval_tf = eval_transform_uint8(self.preprocess)
+            return self._eval_tf(pic)
+        return render(pic, rec, size=tuple(self.size), interpolation=self.preprocess["interpolation"], fill=self.fill)
 
     def eval_view(self, x: torch.Tensor) -> torch.Tensor:
         """View 0: open_clip's eval transform of the source picture, uint8 [3, h, w]."""

@@ -149,7 +149,7 @@ def test_build_falls_back_to_pil_per_sample(tmp_path, mixed_shard, teacher_spec)
 def test_device_refusal_falls_back_then_rejects(tmp_path, mixed_shard, teacher_spec, monkeypatch):
     """A JPEG the device refuses at decode time is decoded by PIL (counted nvjpeg_error); one PIL refuses too becomes
     that row's reject, with PIL's reason; the other rows are unaffected."""
-    import kdcache.cache.gpuviews as gv
+    import kdcache.shards.gpudecode as gv  # where the build's device decode and its PIL fallback live
 
     shard, keys = mixed_shard
     real_decode, real_pil = gv.decode_jpegs, gv.decode_image

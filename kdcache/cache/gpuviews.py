@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from kdcache.augment import erase_fill, render
+from kdcache.augment import erase_fill
 from kdcache.cache.config import BuildConfig
 from kdcache.cache.stream import Batch, ShardMeta, ViewJob
-from kdcache.shards import Reject, RejectError, decode_image
-from kdcache.shards.gpudecode import decode_jpegs
+from kdcache.shards import Reject, RejectError
+from kdcache.shards.gpudecode import decode_pictures
 from kdcache.tensorviews import TensorViews
-from kdcache.views import eval_transform_uint8, size_hw
+from kdcache.views import size_hw
 
 
 class DeviceViews:
@@ -27,7 +27,6 @@ class DeviceViews:
         self.preprocess, self.cfg = preprocess, cfg
         self.fill = erase_fill(preprocess)
         self.views = TensorViews(preprocess, fill=self.fill)
-        self.eval_tf = eval_transform_uint8(preprocess)
         self.size = size_hw(preprocess)
         self.refused: dict[str, dict[int, RejectError | None]] = {}  # unit -> position -> PIL's reject (None: ok)
 
@@ -38,16 +37,14 @@ class DeviceViews:
             return batch.pixels.to(self.device)
         positions = [int(p) for p in batch.positions]
         todo = {p: j.data for p, j in zip(positions, batch.jobs, strict=True) if isinstance(j, ViewJob)}
-        pics = dict(zip(todo, decode_jpegs(list(todo.values()), device=self.device), strict=True))
+        pics = dict(zip(todo, decode_pictures(list(todo.values()), device=self.device, max_pixels=self.cfg.max_pixels,
+                                              background=self.cfg.background), strict=True))
         refused = self.refused.setdefault(batch.unit.name, {})
         for p, pic in pics.items():
-            if pic is None:  # the device refused it: PIL decides, as --decode cpu would
-                try:
-                    pics[p] = decode_image(todo[p], max_pixels=self.cfg.max_pixels, background=self.cfg.background)
-                    refused.setdefault(p, None)
-                except RejectError as e:
+            if not isinstance(pic, torch.Tensor):  # the device refused it: PIL decided, as --decode cpu would
+                refused.setdefault(p, pic if isinstance(pic, RejectError) else None)
+                if isinstance(pic, RejectError):
                     pics[p] = None
-                    refused.setdefault(p, e)
         out = []
         for p, job in zip(positions, batch.jobs, strict=True):
             out.append(job.to(self.device) if isinstance(job, torch.Tensor) else self._render(pics[p], job))
@@ -56,12 +53,7 @@ class DeviceViews:
     def _render(self, pic, job: ViewJob) -> torch.Tensor:
         if pic is None:  # rejected: its rows are dropped when the shard is assembled
             return torch.zeros(3, *self.size, dtype=torch.uint8, device=self.device)
-        if isinstance(pic, torch.Tensor):
-            return self.views.eval_view(pic) if job.rec is None else self.views.view(pic, job.rec)
-        px = self.eval_tf(pic) if job.rec is None else render(pic, job.rec, size=self.size,
-                                                              interpolation=self.preprocess["interpolation"],
-                                                              fill=self.fill)
-        return px.to(self.device)
+        return self.views.render(pic, job.rec).to(self.device)
 
     def finish(self, meta: ShardMeta) -> None:
         """Record in the shard's meta (in place) what the device refused: PIL fallbacks counted, PIL rejects made

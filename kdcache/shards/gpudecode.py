@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdcache.shards.decode import open_image
+from kdcache.shards.decode import RejectError, decode_image, open_image
 
 DECODERS = ("cpu", "gpu")
 # Why a member of a --decode gpu build was decoded by PIL instead (counted per shard in its status, "decode").
@@ -104,3 +104,18 @@ def _checked(x: torch.Tensor) -> torch.Tensor | None:
     # ImageReadMode.RGB always gives 3 channels; anything else is a decoder this code does not know, refused.
     return x if x.dtype == torch.uint8 and x.ndim == 3 and x.shape[0] == 3 else None
 
+
+
+def decode_pictures(datas: list[bytes], *, device: str | torch.device, max_pixels: int,
+                    background: tuple[int, int, int]):
+    """Each JPEG member decoded as a `--decode gpu` build decodes it: on `device` in one batched call (uint8 RGB
+    [3, H, W] tensors), and, where the device refuses one, by PIL (a PIL image, "nvjpeg_error"), or PIL's RejectError
+    where PIL refuses it too. The build (kdcache.cache.gpuviews) and students replaying its views share this."""
+    out: list = list(decode_jpegs(datas, device=device))
+    for i, pic in enumerate(out):
+        if pic is None:
+            try:
+                out[i] = decode_image(datas[i], max_pixels=max_pixels, background=background)
+            except RejectError as e:
+                out[i] = e
+    return out
