@@ -136,3 +136,7 @@ def test_cli_choices_match_the_registries():
     assert choices("build", "hint_pool") == choices("layers", "pool") == POOLS
     assert choices("train", "tower") == TOWERS
     assert choices("build", "precision") == choices("train", "precision") == choices("eval", "precision") == PRECISIONS
+    from kdcache.shards.gpudecode import DECODERS
+    from kdcache.train.replay import REPLAY_DECODERS
+
+    assert choices("build", "decode") == DECODERS and choices("train", "decode") == REPLAY_DECODERS

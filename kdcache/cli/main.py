@@ -317,6 +317,10 @@ def show(cache: str, key: str, out: str | None, images: tuple[str, ...]) -> None
 @click.option("--views-per-sample", default=1, type=click.IntRange(1),
               help="Image tower: each decoded picture gives M of its cached views to the same batch (repeated "
                    "augmentation; decoding is shared). --batch-size counts views and must be a multiple of M.")
+@click.option("--decode", default="auto", type=click.Choice(["auto", "cpu", "gpu"]),
+              help="Image tower, a cache built with --decode gpu: replay its views as the build made them (nvjpeg "
+                   "decode and resize on the GPU; gpu), or with PIL in the workers (cpu; pixels a level or two away "
+                   "from the teacher's). auto: gpu on a CUDA student, else cpu. Other caches always replay with PIL.")
 @click.option("--checkpoint-every", default=200, type=click.IntRange(1), help="Checkpoint every N steps (and at "
               "each epoch end).")
 @options.subset("rows", note=" Applied before the validation split. Text tower: a paired caption matches as its "

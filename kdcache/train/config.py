@@ -10,7 +10,7 @@ from kdcache.subset import Subset
 
 # Settings that do not change the result: a --resume may change them.
 NON_IDENTITY = ("resume", "progress", "workers", "out", "images", "checkpoint_every", "allow_incomplete",
-                "report_to", "max_skipped_steps")
+                "report_to", "max_skipped_steps", "decode", "decode_device")  # the replay decoder: resolved
 
 
 class TrainError(ValueError):
@@ -52,6 +52,8 @@ class TrainConfig:
     report_to: tuple[str, ...] = ()                # trackers besides metrics.jsonl/csv: tensorboard, wandb
     subset: Subset = Subset()                      # --include/--exclude/--labels (kdcache.subset); labels as given
     max_skipped_steps: int = 20                    # fp16 GradScaler: consecutive non-finite (skipped) steps allowed
+    decode: str = "auto"                           # replay decoder: auto | cpu | gpu (kdcache.train.replay)
+    decode_device: str | None = None               # internal: replay the gpu decode path on this device (tests: "cpu")
 
     def __post_init__(self) -> None:
         check_numbers(self)

@@ -57,11 +57,16 @@ class TrainStream(torch.utils.data.IterableDataset):
     also carry teacher_pixels uint8 [B,3,Ht,Wt], the same view rendered at the teacher's size and interpolation (view
     0: the teacher's eval transform; the picture is decoded once for both); with `return_texts`, batches carry texts
     list[str] (image tower: the paired caption, "" when none; text tower: the caption).
+
+    With `device_decode` (image tower, a `--decode gpu` cache on a CUDA student), image batches carry "replay"
+    (`kdcache.train.replay.ReplayJobs`: undecoded JPEGs and view records) instead of pixels, for the main process to
+    decode and render on the device (`DeviceReplay`), as the build did.
     """
 
     def __init__(self, spec: DataSpec, *, split: str, epoch: int, start_step: int = 0,
                  student_preprocess: dict | None = None, tokenizer: Callable | None = None,
-                 teacher_preprocess: dict | None = None, return_texts: bool = False, rank: int = 0, ranks: int = 1):
+                 teacher_preprocess: dict | None = None, return_texts: bool = False, rank: int = 0, ranks: int = 1,
+                 device_decode: bool = False):
         super().__init__()
         if not 0 <= rank < ranks:
             raise DataError(f"rank {rank} is not in [0, ranks={ranks})")
@@ -77,7 +82,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         # not kept: each worker opens its own in __iter__ (open zarr handles are not meant to be pickled).
         tower = ROWS[spec.tower]
         self.rows: Rows = tower(spec, tower.open(spec), student_preprocess=student_preprocess, tokenizer=tokenizer,
-                                teacher_preprocess=teacher_preprocess, return_texts=return_texts)
+                                teacher_preprocess=teacher_preprocess, return_texts=return_texts,
+                                **({"device_decode": True} if device_decode else {}))
 
     def set_position(self, split: str, epoch: int, start_step: int = 0) -> None:
         """Serve `split` of `epoch` from batch `start_step` on, from the next `iter()` of the stream or its loader."""

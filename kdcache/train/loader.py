@@ -104,7 +104,8 @@ def _worker_errors_as_messages(batches: Iterator) -> Iterator:
 def make_loader(spec: DataSpec, *, split: str, epoch: int, start_step: int = 0, workers: int = 0,
                 student_preprocess: dict | None = None, tokenizer: Callable | None = None,
                 teacher_preprocess: dict | None = None, return_texts: bool = False,
-                pin_memory: bool | None = None, persistent: bool = False, rank: int = 0, ranks: int = 1) -> Batches:
+                pin_memory: bool | None = None, persistent: bool = False, rank: int = 0, ranks: int = 1,
+                device_decode: bool = False) -> Batches:
     """The batches of a `TrainStream` through a DataLoader: the same batches in the same order for any `workers` (0 =
     in-process). `teacher_preprocess` and `return_texts` add the online-distillation outputs described in
     `TrainStream`. `persistent` keeps the workers between passes (move the stream with `.dataset.set_position`); see
@@ -112,7 +113,8 @@ def make_loader(spec: DataSpec, *, split: str, epoch: int, start_step: int = 0, 
     (`order.worker_batches`); `start_step` counts global batches."""
     stream = TrainStream(spec, split=split, epoch=epoch, start_step=start_step,
                          student_preprocess=student_preprocess, tokenizer=tokenizer,
-                         teacher_preprocess=teacher_preprocess, return_texts=return_texts, rank=rank, ranks=ranks)
+                         teacher_preprocess=teacher_preprocess, return_texts=return_texts, rank=rank, ranks=ranks,
+                         device_decode=device_decode)
     return Batches(torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers,
         # With batch_size=None the collate function runs in the worker on each batch the stream yields: a worker's

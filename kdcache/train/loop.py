@@ -35,7 +35,7 @@ from kdcache import __version__, location
 from kdcache.cache import schema
 from kdcache.cache.reader import Cache
 from kdcache.precision import autocast, resolve_device
-from kdcache.train import cachepin, ddp, rundir, tracking
+from kdcache.train import cachepin, ddp, replay, rundir, tracking
 from kdcache.train.config import TrainConfig, TrainError, TrainResult, identity
 from kdcache.train.data import count_rows, subset_rows
 from kdcache.train.dataspec import DataSpec
@@ -233,6 +233,10 @@ def _run(cfg: TrainConfig, *, targets: Targets | None, ranks: ddp.Ranks) -> Trai
         resolved.update(mode="online", online_teacher=targets.describe())
     if ranks.world > 1:  # part of the --resume identity (a one-process run records none: 1)
         resolved["world_size"] = ranks.world
+    decoder = replay.resolve(cfg.decode, cache_decode=cache.attrs["build"].get("decode", "cpu"), tower=cfg.tower,
+                             device=device, decode_device=cfg.decode_device)
+    if decoder == "gpu":  # part of the --resume identity (a run replaying with PIL records none)
+        resolved["replay_decode"] = "gpu"
     fingerprint = cache.fingerprint()
     ckpt = None
     if rundir.check_resume(run_dir, resume=cfg.resume, fingerprint=fingerprint, resolved=resolved):
@@ -284,9 +288,17 @@ def _run(cfg: TrainConfig, *, targets: Targets | None, ranks: ddp.Ranks) -> Trai
     # The data workers fork here, once for the whole run, before the optimizer state exists (see EpochLoader).
     loader_kw = {"workers": cfg.workers, "student_preprocess": student.preprocess, "tokenizer": student.tokenizer,
                  "rank": ranks.rank, "ranks": ranks.world, **(live.loader if live is not None else {})}
+    if decoder == "gpu":
+        loader_kw["device_decode"] = True
     data = EpochLoader(spec, **loader_kw)
+    # A --decode gpu cache on a CUDA student: views decoded and rendered on the device, as the build made them.
+    device_replay = replay.DeviceReplay.for_rows(data.stream.rows, cfg.decode_device or device) \
+        if decoder == "gpu" else None
+
+    def start(split: str, at_epoch: int, at_batch: int = 0):
+        return replay.replayed(data.start(split, at_epoch, at_batch), device_replay)
     with contextlib.closing(data):
-        passes = data.start("train", epoch, epoch_step * cfg.accum_steps) if step < total else iter(())
+        passes = start("train", epoch, epoch_step * cfg.accum_steps) if step < total else iter(())
         params = student.trainable_parameters()
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
@@ -392,7 +404,7 @@ def _run(cfg: TrainConfig, *, targets: Targets | None, ranks: ddp.Ranks) -> Trai
                     if end_of_epoch or step >= total:
                         break
                 # epoch (or run) boundary: validate, checkpoint at the start of the next epoch
-                final_val = validate(student, loss_fn, data.start("val", 0), head=head,
+                final_val = validate(student, loss_fn, start("val", 0), head=head,
                                      scale=scale, temperature=cfg.temperature, device=device, precision=precision,
                                      targets=targets, hints=hints, ranks=ranks)
                 val_row = {"kind": "val", "step": step, "epoch": epoch, **final_val}
@@ -407,7 +419,7 @@ def _run(cfg: TrainConfig, *, targets: Targets | None, ranks: ddp.Ranks) -> Trai
                     epoch, epoch_step = epoch + 1, 0
                 checkpoint()
                 if step < total:
-                    passes = data.start("train", epoch, epoch_step * cfg.accum_steps)
+                    passes = start("train", epoch, epoch_step * cfg.accum_steps)
         finally:
             bar.close()
             metrics.close()

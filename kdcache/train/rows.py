@@ -31,10 +31,12 @@ from kdcache.cache import schema
 from kdcache.cache.reader import Cache, CacheError, open_cache
 from kdcache.cache.schema import CAPTIONS, IMAGES, Unit
 from kdcache.shards import RawSample, RejectError, ShardReport, iter_shard, parse_sample
+from kdcache.shards.gpudecode import probe_image
 from kdcache.subset import Subset, shard_name
 from kdcache.train.cachepin import open_pinned
 from kdcache.train.dataspec import DataError, DataSpec
 from kdcache.train.order import choose_view, choose_views, split_of
+from kdcache.train.replay import ReplayJobs
 from kdcache.views import eval_transform_uint8, size_hw
 
 log = logging.getLogger(__name__)
@@ -194,16 +196,20 @@ class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
 
     def __init__(self, spec: DataSpec, cache: Cache, *, student_preprocess: dict | None = None,
                  teacher_preprocess: dict | None = None, return_texts: bool = False,
-                 tokenizer: Callable | None = None):
+                 tokenizer: Callable | None = None, device_decode: bool = False):
         del tokenizer  # the image tower has no text to tokenise
         self.spec = spec
+        self.device_decode = device_decode  # JPEGs travel undecoded for the main process (kdcache.train.replay)
         self.return_texts = return_texts
         self.views = cache.views
         policy, fill = cache.view_policy()
         self.policy = policy or Policy()  # the default records are today's crop box and flip
         self.fill = fill or erase_fill(cache.attrs["preprocess"])
         self.record_names = list(record_arrays(self.policy))
-        note_decoder(cache)
+        if device_decode and self.policy.mixes:
+            raise DataError("mixed views (mixup/cutmix) replay with PIL only: use --decode cpu")
+        if not device_decode:
+            note_decoder(cache)
         cached = [layer["name"] for layer in (cache.attrs["build"].get("hints") or {}).get("layers", [])]
         unknown = [h for h in spec.hints if h not in cached]
         if unknown:
@@ -348,23 +354,46 @@ class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
         return render(img, rec, size=size_hw(preprocess), interpolation=interp, fill=self.fill, partner=partner,
                       partner_rec=row.partner_rec)
 
+    def _device_jpeg(self, row: RawRow) -> bytes | None:
+        """The row's JPEG bytes if the build decoded them on its device (`--decode gpu`: the header probe said so),
+        else None (PIL decoded the picture in the build's worker, and does here)."""
+        raw = RawSample(key=row.key, position=row.position, members=row.members)
+        try:
+            data = parse_sample(raw, max_pixels=self.build["max_pixels"], decode=False).image_bytes
+            return data if probe_image(data, max_pixels=self.build["max_pixels"]).fallback is None else None
+        except RejectError:
+            return None  # decode_image names the problem
+
     def batch(self, rows: list[RawRow | tuple[RawRow, ...]]) -> dict:
         # A views-per-sample group is decoded once for all its views (and, with teacher_preprocess, for both models).
         groups = [g if isinstance(g, tuple) else (g,) for g in rows]
         rows = [r for g in groups for r in g]
-        students, teachers = [], []
+        students, teachers, jobs = [], [], ReplayJobs()
         for g in groups:
+            jpeg = self._device_jpeg(g[0]) if self.device_decode else None
+            if jpeg is not None:  # the main process decodes it on the device and renders its views there
+                jobs.jpegs.append(jpeg), jobs.keys.append(g[0].key)
+                for r in g:
+                    rec = None if r.view == 0 else (r.rec if r.rec is not None else ViewRecord(box=r.box, flip=r.flip))
+                    jobs.rows.append((len(jobs.jpegs) - 1, rec, None, None))
+                continue
             img = self.decode_image(g[0])
             for r in g:
                 partner = self._partner(r)
                 students.append(self._render(img, partner, r, "student"))
                 if self.teacher_preprocess is not None:
                     teachers.append(self._render(img, partner, r, "teacher"))
-        extra = {} if self.teacher_preprocess is None else {"teacher_pixels": torch.stack(teachers)}
+                if self.device_decode:
+                    jobs.rows.append((-1, None, students[-1], teachers[-1] if teachers else None))
+        if self.device_decode:
+            extra = {"replay": jobs}
+        else:
+            extra = {"pixels": torch.stack(students)}
+            if self.teacher_preprocess is not None:
+                extra["teacher_pixels"] = torch.stack(teachers)
         if self.return_texts:
             extra["texts"] = [r.text for r in rows]
         return {
-            "pixels": torch.stack(students),
             "teacher": torch.from_numpy(np.stack([r.teacher for r in rows])),
             "other": torch.from_numpy(np.stack([r.other for r in rows])),
             "has_other": torch.tensor([r.has_other for r in rows], dtype=torch.bool),
