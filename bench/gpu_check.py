@@ -11,7 +11,9 @@
    pre-decoded uint8 tensors (the issue's GPU target is ≥ 0.95), at fp16.
 4. GPU JPEG decode (`--decode gpu`, issue 15): build throughput with --decode gpu and with --decode cpu ÷ the bare
    fp16 forward (target ≥ 0.8 for gpu), and the decoders' difference as a CPU-only student meets it: the teacher's
-   embedding (fp32) of each view replayed with PIL vs the cached nvjpeg-decoded view (target cos ≥ 0.999).
+   embedding (fp32) of each view replayed with PIL vs the cached nvjpeg-decoded view (target cos ≥ 0.999); and as a
+   CUDA student replays it (`kdcache train --decode gpu`, the build's own decode and rendering): "replay_fidelity",
+   expected ≈ 1 up to the forward's batch composition.
 
     python bench/gpu_check.py --dry-run --n-images 16 --out /tmp/gpu_check.json   # part 4's helpers on the CPU
                                                                                  # (libjpeg stands in for nvjpeg)
@@ -84,6 +86,32 @@ def decode_fidelity(cache: str, teacher) -> dict:
             "p01_cos": float(np.quantile(cos, 0.01))}
 
 
+def replay_fidelity(cache: str, teacher, *, device: str) -> dict:
+    """Cos between the cached embedding of every view and `teacher`'s embedding of the same view as a CUDA student
+    replays it (`kdcache train --decode gpu`: decoded and rendered on `device` by the build's own code); the pixels are
+    the teacher's, so only the forward's batch composition separates the two."""
+    from kdcache.cache.reader import open_cache
+    from kdcache.train import replay
+    from kdcache.train.dataspec import DataSpec
+    from kdcache.train.loader import make_loader
+
+    c = open_cache(cache)
+    views = c.views
+    spec = DataSpec(cache=cache, tower="image", batch_size=views, seed=0, val_fraction=0.0,  # every row: no remainder
+                    views_per_sample=views)
+    loader = make_loader(spec, split="train", epoch=0, student_preprocess=c.attrs["preprocess"], device_decode=True)
+    rep = replay.DeviceReplay.for_rows(loader.dataset.rows, device)
+    emb = {u.index: c.read(u, ["emb"])["emb"] for u in c.units("images")}
+    cos = []
+    for b in replay.replayed(loader, rep):
+        e = teacher.encode_images(b["pixels"]).cpu().numpy()
+        cached = np.stack([emb[s][p, v].astype(np.float32) for s, p, v in
+                           zip(b["shard"].tolist(), b["position"].tolist(), b["view"].tolist(), strict=True)])
+        cos.append((e * cached).sum(-1))
+    cos = np.concatenate(cos) if cos else np.zeros(0)
+    return {"views": int(cos.size), "min_cos": float(cos.min()), "mean_cos": float(cos.mean())}
+
+
 def gpu_decode_part(tmp: Path, *, n_images: int, dry_run: bool, bare: float | None, images: tuple[str, ...] = (),
                     teacher: str | None = None, limit: int | None = None) -> dict:
     """Part 4. The dry run uses the tiny teacher (or `teacher`) on the CPU and runs the decode path there (libjpeg,
@@ -121,6 +149,7 @@ def gpu_decode_part(tmp: Path, *, n_images: int, dry_run: bool, bare: float | No
     what = (f"teacher {spec}; " + (f"images {', '.join(images)}" + (f" (first {limit})" if limit else "")
                                    if images else "synthetic photo-like JPEGs of 256-512 px"))
     res = {"dry_run": dry_run, "build_img_s": rates, "fidelity": decode_fidelity(out, fidelity_teacher),
+           "replay_fidelity": replay_fidelity(out, fidelity_teacher, device=where.get("decode_device", device)),
            "teacher": spec, "images": list(images) or "synthetic", "limit": limit,
            "note": f"dry run: CPU, libjpeg in place of nvjpeg; {what}" if dry_run else
                    f"{what}; build seconds include teacher load and worker start-up"}

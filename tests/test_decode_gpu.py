@@ -254,6 +254,8 @@ def test_gpu_check_dry_run_exercises_its_cpu_helpers(tmp_path):
     res = mod.main(["--dry-run", "--out", str(tmp_path / "r.json"), "--n-images", "16"])
     d = res["gpu_decode"]
     assert d["fidelity"]["views"] == 32 and 0.99 <= d["fidelity"]["min_cos"] <= 1.0
+    # replayed as a CUDA student replays it (the build's own decode and rendering): the teacher's pixels
+    assert d["replay_fidelity"]["views"] == 32 and d["replay_fidelity"]["min_cos"] > 0.99999
     assert d["build_img_s"]["gpu"] > 0 and d["build_img_s"]["cpu"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["gpu_decode"]["dry_run"] is True
 
@@ -273,6 +275,7 @@ def test_gpu_check_part_4_takes_real_shards_a_teacher_and_a_limit(tmp_path):
     res = mod.main(["--dry-run", "--out", str(tmp_path / "r.json"), "--images", *shards, "--teacher", teacher,
                     "--limit", "5"])["gpu_decode"]
     assert res["fidelity"]["views"] == 10 and 0.99 <= res["fidelity"]["min_cos"] <= 1.0
+    assert res["replay_fidelity"]["views"] == 10 and res["replay_fidelity"]["min_cos"] > 0.99999
     assert res["images"] == shards and res["teacher"] == teacher and res["limit"] == 5
     assert "first 5" in res["note"] and "libjpeg" in res["note"]
 
