@@ -19,6 +19,7 @@ replays with is part of its `--resume` identity.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from open_clip.transform import PreprocessCfg
@@ -52,15 +53,24 @@ def resolve(decode: str, *, cache_decode: str, tower: str, device: torch.device,
     return "cpu"
 
 
+class ReplayRow(NamedTuple):
+    """One row of a batch to replay: its JPEG (an index into `ReplayJobs.jpegs`) and view record (None: view 0), or,
+    where the build decoded the picture with PIL, the pixels PIL rendered in the worker."""
+
+    jpeg: int = -1                          # -1: rendered in the worker
+    rec: ViewRecord | None = None
+    student: torch.Tensor | None = None     # uint8 [3, H, W] at the student's size, when rendered in the worker
+    teacher: torch.Tensor | None = None     # ... at the teacher's (online distillation)
+
+
 @dataclass
 class ReplayJobs:
     """What a worker sends instead of pixels when the main process decodes: the batch's undecoded JPEGs (each once,
-    however many of its views the batch holds) and, per row in batch order, (index into `jpegs` or -1, the view's
-    record or None for view 0, the student's pixels and the teacher's where PIL rendered them in the worker)."""
+    however many of its views the batch holds) and its rows in batch order."""
 
     jpegs: list[bytes] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)        # the key of each JPEG, for messages
-    rows: list[tuple[int, ViewRecord | None, torch.Tensor | None, torch.Tensor | None]] = field(default_factory=list)
+    rows: list[ReplayRow] = field(default_factory=list)
 
 
 def _views(preprocess: dict, fill: tuple[int, int, int]) -> TensorViews:
@@ -97,14 +107,14 @@ class DeviceReplay:
                                 f"it now ({pic}): the shard was rewritten after the build; --exclude '{key}' trains "
                                 "without it")
         out = {k: v for k, v in batch.items() if k != "replay"}
-        out["pixels"] = self._render(self.student, pics, jobs, 2)
+        out["pixels"] = torch.stack([self._pixels(self.student, pics, r, r.student) for r in jobs.rows])
         if self.teacher is not None:
-            out["teacher_pixels"] = self._render(self.teacher, pics, jobs, 3)
+            out["teacher_pixels"] = torch.stack([self._pixels(self.teacher, pics, r, r.teacher) for r in jobs.rows])
         return out
 
-    def _render(self, views: TensorViews, pics: list, jobs: ReplayJobs, rendered: int) -> torch.Tensor:
-        return torch.stack([(row[rendered] if row[rendered] is not None else views.render(pics[row[0]], row[1]))
-                            .to(self.device) for row in jobs.rows])
+    def _pixels(self, views: TensorViews, pics: list, row: ReplayRow, rendered: torch.Tensor | None) -> torch.Tensor:
+        px = rendered if rendered is not None else views.render(pics[row.jpeg], row.rec)
+        return px.to(self.device)
 
 
 def replayed(batches, replay: DeviceReplay | None):

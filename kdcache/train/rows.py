@@ -36,7 +36,7 @@ from kdcache.subset import Subset, shard_name
 from kdcache.train.cachepin import open_pinned
 from kdcache.train.dataspec import DataError, DataSpec
 from kdcache.train.order import choose_view, choose_views, split_of
-from kdcache.train.replay import ReplayJobs
+from kdcache.train.replay import ReplayJobs, ReplayRow
 from kdcache.views import eval_transform_uint8, size_hw
 
 log = logging.getLogger(__name__)
@@ -375,7 +375,7 @@ class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
                 jobs.jpegs.append(jpeg), jobs.keys.append(g[0].key)
                 for r in g:
                     rec = None if r.view == 0 else (r.rec if r.rec is not None else ViewRecord(box=r.box, flip=r.flip))
-                    jobs.rows.append((len(jobs.jpegs) - 1, rec, None, None))
+                    jobs.rows.append(ReplayRow(len(jobs.jpegs) - 1, rec))
                 continue
             img = self.decode_image(g[0])
             for r in g:
@@ -384,7 +384,7 @@ class ImageRows(Rows[RawRow | tuple[RawRow, ...]]):
                 if self.teacher_preprocess is not None:
                     teachers.append(self._render(img, partner, r, "teacher"))
                 if self.device_decode:
-                    jobs.rows.append((-1, None, students[-1], teachers[-1] if teachers else None))
+                    jobs.rows.append(ReplayRow(student=students[-1], teacher=teachers[-1] if teachers else None))
         if self.device_decode:
             extra = {"replay": jobs}
         else:
