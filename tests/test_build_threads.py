@@ -105,3 +105,27 @@ def test_background_writer_writes_on_its_thread(tmp_path, monkeypatch):
             assert calls[-1] == ("images-00000", "MainThread")  # written before submit returned
         w.close()
     assert calls[0][0] == "images-00001" and calls[0][1].startswith("kdcache-writer")
+
+
+def test_teacher_outputs_reach_the_host_when_read_on_the_cpu():
+    """The build reads a batch's outputs one batch late (`HostOutputs`); on the CPU they are host tensors at once."""
+    from kdcache.cache.assemble import HostOutputs
+
+    emb = torch.randn(4, 8)
+    out = HostOutputs.start((emb, None, None, None), {"h": emb * 2})
+    assert out.event is None
+    got = out.get()
+    assert torch.equal(got[0], emb) and got[1:4] == (None, None, None) and torch.equal(got[4]["h"], emb * 2)
+
+
+@pytest.mark.gpu
+def test_teacher_outputs_on_cuda_are_copied_without_waiting_and_arrive_when_read():
+    from kdcache.cache.assemble import HostOutputs
+
+    emb = torch.randn(256, 512, device="cuda")
+    idx = torch.randint(0, 9, (256, 5), device="cuda", dtype=torch.int32)
+    out = HostOutputs.start((emb, idx, None, None), {"h": emb * 2})
+    assert out.event is not None and out.values[0].is_pinned()
+    got = out.get()
+    assert torch.equal(got[0], emb.cpu()) and torch.equal(got[1], idx.cpu())
+    assert torch.equal(got[4]["h"], (emb * 2).cpu())

@@ -44,6 +44,36 @@ class Vocab:
     templates_source: str
 
 
+@dataclass
+class HostOutputs:
+    """A batch's teacher outputs on their way to the host. On CUDA the copies go to pinned memory without waiting, so
+    the build launches (and, with --decode gpu, decodes and renders) the next batch while this one's forward runs,
+    and reads these one batch later; `get` waits for them. On the CPU they are there at once."""
+
+    values: tuple             # (emb, idx, val, lse) host tensors, None where absent
+    hints: dict               # {name: float [B, C]} host tensors
+    event: torch.cuda.Event | None = None
+
+    @classmethod
+    def start(cls, values: tuple, hints: dict) -> HostOutputs:
+        on_cuda = [t for t in (*values, *hints.values()) if t is not None and t.is_cuda]
+        if not on_cuda:
+            return cls(tuple(None if t is None else t.cpu() for t in values), {n: f.cpu() for n, f in hints.items()})
+
+        def host(t):
+            if t is None:
+                return None
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+        out = cls(tuple(host(t) for t in values), {n: host(f) for n, f in hints.items()}, torch.cuda.Event())
+        out.event.record()
+        return out
+
+    def get(self) -> tuple:
+        if self.event is not None:
+            self.event.synchronize()
+        return (*self.values, self.hints)
+
+
 class TeacherPass:
     """The teacher with what the cache asks of it: a zero-shot head and top-k (with --classes), the embedding dtype,
     the tokens to store, and the array specs of image and caption units."""
@@ -76,19 +106,19 @@ class TeacherPass:
         return {"pool": cfg.hint_pool, "layers": layers}
 
     # -- teacher outputs
-    def image_outputs(self, pixels: torch.Tensor) -> tuple:
+    def image_outputs(self, pixels: torch.Tensor) -> HostOutputs:
         """Embeddings, with a vocabulary top-k logits and log-sum-exp, and with --hints the pooled hint features
         ({name: float [B, C]}): all computed on the teacher's device (a [B, C] logits matrix never crosses to the
-        host), then copied back once."""
+        host), then copied back once, without waiting on CUDA: `.get()` returns (emb, idx, val, lse, hints)."""
         emb = self.teacher.encode_images(pixels, on_device=True)
-        hints = {n: f.cpu() for n, f in self.hooks.take().items()} if self.hooks is not None else {}
+        hints = self.hooks.take() if self.hooks is not None else {}
         if self.head is None:
-            return emb.cpu(), None, None, None, hints
+            return HostOutputs.start((emb, None, None, None), hints)
         with torch.inference_mode():
             logits = self.teacher.logit_scale * emb @ self.head.T
             val, idx = logits.topk(self.topk, dim=1)
             lse = torch.logsumexp(logits, dim=1)
-        return emb.cpu(), idx.to(torch.int32).cpu(), val.cpu(), lse.cpu(), hints
+        return HostOutputs.start((emb, idx.to(torch.int32), val, lse), hints)
 
     def encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """Teacher text embeddings (float32 [N, D]) and, when the cache stores them, the tokens they came from."""

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from kdcache import __version__, location
 from kdcache.augment import Policy, erase_fill, strong
 from kdcache.cache import schema
-from kdcache.cache.assemble import TeacherPass, load_teacher_pass
+from kdcache.cache.assemble import HostOutputs, TeacherPass, load_teacher_pass
 from kdcache.cache.captions import count_caption_records, parse_caption_spec
 from kdcache.cache.config import BuildConfig, BuildError, BuildResult, view_policy
 from kdcache.cache.dist import Dist, init_distributed
@@ -318,13 +318,24 @@ class _Builder:
                                     device=self.cfg.decode_device or teach.teacher.device)
         parts: dict[str, list] = {}  # unit name -> teacher outputs of its batches so far
         rows_seen, shards_seen = 0, 0
+        # The last batch's outputs, still on their way to the host: read after the next batch is launched, so that on
+        # a GPU its decode and launches overlap this one's forward (a ShardMeta follows every shard's last batch).
+        pending: tuple[Batch, HostOutputs] | None = None
+
+        def land() -> None:
+            nonlocal pending
+            if pending is not None:
+                done, out = pending
+                pending = None
+                parts.setdefault(done.unit.name, []).append((done.positions, done.views, *out.get()))
         for item in one_thread(loader) if loader.num_workers == 0 else loader:
             if isinstance(item, Batch):
-                emb, idx, val, lse, hints = teach.image_outputs(item.pixels if on_device is None
-                                                                else on_device.pixels(item))
-                parts.setdefault(item.unit.name, []).append((item.positions, item.views, emb, idx, val, lse, hints))
+                out = teach.image_outputs(item.pixels if on_device is None else on_device.pixels(item))
+                land()
+                pending = (item, out)
                 bar.update(int((item.views == 0).sum()))
                 continue
+            land()
             if on_device is not None:
                 on_device.finish(item)
                 self.counts.update(decoded_on_device=item.decode["device"],
