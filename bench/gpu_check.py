@@ -13,7 +13,8 @@
    fp16 forward (target ≥ 0.8 for gpu), and the decoders' difference as a CPU-only student meets it: the teacher's
    embedding (fp32) of each view replayed with PIL vs the cached nvjpeg-decoded view (target cos ≥ 0.999); and as a
    CUDA student replays it (`kdcache train --decode gpu`, the build's own decode and rendering): "replay_fidelity",
-   expected ≈ 1 up to the forward's batch composition.
+   expected ≈ 1 up to the forward's batch composition; and "phases": milliseconds per batch of the decode, the view
+   rendering, the forward and the copy back, each timed alone, to show which one bounds the build.
 
     python bench/gpu_check.py --dry-run --n-images 16 --out /tmp/gpu_check.json   # part 4's helpers on the CPU
                                                                                  # (libjpeg stands in for nvjpeg)
@@ -112,6 +113,53 @@ def replay_fidelity(cache: str, teacher, *, device: str) -> dict:
     return {"views": int(cos.size), "min_cos": float(cos.min()), "mean_cos": float(cos.mean())}
 
 
+def decode_phases(shards: list[str], teacher, *, device: str, batch: int, batches: int = 6) -> dict:
+    """Where a `--decode gpu` batch's time goes, each phase timed alone (synchronised): the batched decode, rendering
+    the eval views one by one on the device, the teacher's forward, and copying its embeddings back. Their sum is the
+    time per batch if nothing overlapped; the build overlaps the next batch's decode and rendering with the forward,
+    so its rate lies between 1/sum and 1/max. Milliseconds per batch (median over `batches`), and images/s."""
+    from kdcache.augment import erase_fill
+    from kdcache.shards import ShardReport, iter_shard
+    from kdcache.shards.gpudecode import decode_jpegs
+    from kdcache.tensorviews import TensorViews
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+
+    datas = []
+    for url in shards:
+        for raw in iter_shard(url, ShardReport(url=url)):
+            datas += [v for k, v in raw.members.items() if k.lower() in ("jpg", "jpeg")][:1]
+            if len(datas) >= batch * (batches + 1):
+                break
+    views = TensorViews(teacher.preprocess, fill=erase_fill(teacher.preprocess))
+    times: dict[str, list[float]] = {"decode": [], "render": [], "forward": [], "to_host": []}
+    for i in range(batches + 1):  # the first batch warms up and is not counted
+        chunk = datas[i * batch:(i + 1) * batch]
+        if len(chunk) < batch:
+            break
+        sync()
+        t = [time.perf_counter()]
+        pics = decode_jpegs(chunk, device=device)
+        sync(), t.append(time.perf_counter())
+        px = torch.stack([views.eval_view(p) for p in pics if p is not None])
+        sync(), t.append(time.perf_counter())
+        emb = teacher.encode_images(px, on_device=True)
+        sync(), t.append(time.perf_counter())
+        emb.cpu()
+        t.append(time.perf_counter())
+        if i:
+            for k, a, b in zip(times, t, t[1:], strict=False):
+                times[k].append((b - a) * 1e3)
+    ms = {k: float(np.median(v)) for k, v in times.items() if v}
+    total = sum(ms.values())
+    return {"batch": batch, "batches": len(times["decode"]), "ms_per_batch": ms,
+            "img_s": {k: batch / v * 1e3 for k, v in ms.items() if v > 0},
+            "img_s_if_serial": batch / total * 1e3 if total else None,
+            "img_s_if_overlapped": batch / max(ms.values()) * 1e3 if ms else None}
+
+
 def gpu_decode_part(tmp: Path, *, n_images: int, dry_run: bool, bare: float | None, images: tuple[str, ...] = (),
                     teacher: str | None = None, limit: int | None = None) -> dict:
     """Part 4. The dry run uses the tiny teacher (or `teacher`) on the CPU and runs the decode path there (libjpeg,
@@ -150,6 +198,8 @@ def gpu_decode_part(tmp: Path, *, n_images: int, dry_run: bool, bare: float | No
                                    if images else "synthetic photo-like JPEGs of 256-512 px"))
     res = {"dry_run": dry_run, "build_img_s": rates, "fidelity": decode_fidelity(out, fidelity_teacher),
            "replay_fidelity": replay_fidelity(out, fidelity_teacher, device=where.get("decode_device", device)),
+           "phases": decode_phases(shards, load_teacher(spec, allow_random_init=True, device=device, precision=prec),
+                                   device=where.get("decode_device", device), batch=4 if dry_run else batch),
            "teacher": spec, "images": list(images) or "synthetic", "limit": limit,
            "note": f"dry run: CPU, libjpeg in place of nvjpeg; {what}" if dry_run else
                    f"{what}; build seconds include teacher load and worker start-up"}
