@@ -139,3 +139,28 @@ def test_cli_decode_gpu_without_cuda_is_one_clear_line(built, tmp_path):
                                  "--out", str(tmp_path / "r"), "--decode", "gpu", "--device", "cpu", "--no-progress"])
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert "--decode gpu replays with nvjpeg on the student's CUDA device" in r.output, r.output
+
+
+def test_online_distillation_on_a_gpu_cache_sees_the_views_the_cache_was_built_from(built, teacher_spec, tmp_path):
+    """Offline equals online for a --decode gpu cache too: the live teacher's embeddings of the device-replayed views
+    match the cached ones to fp16 storage rounding (the pixels are the build's), and an online run trains through
+    the device replay."""
+    import torch.nn.functional as F
+
+    from kdcache.cache.reader import open_cache
+    from kdcache.online import OnlineTargets, run_online
+    from kdcache.teacher import load_teacher
+
+    targets = OnlineTargets(load_teacher(teacher_spec))
+    live = targets.prepare(open_cache(built["cache"]), tower="image", needs=(), device=torch.device("cpu"))
+    spec = DataSpec(cache=built["cache"], tower="image", batch_size=4, seed=0, val_fraction=0.0)
+    loader = make_loader(spec, split="train", epoch=0, student_preprocess={"size": 24}, device_decode=True,
+                         **live.loader)
+    rep = replay.DeviceReplay.for_rows(loader.dataset.rows, "cpu")
+    cos = []
+    for b in replay.replayed(loader, rep):
+        cached = b["teacher"].clone()
+        cos.append(F.cosine_similarity(targets(b)["teacher"], cached, dim=-1))
+    assert torch.cat(cos).min() > 0.9995
+    res = run_online(_cfg(built, tmp_path / "on", decode="gpu", decode_device="cpu"), teacher=teacher_spec)
+    assert res.steps == 4
