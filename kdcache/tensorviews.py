@@ -9,7 +9,7 @@ erase (`kdcache.augment.finish_view`). The pixels are close to the PIL path's, n
 rounding differs from PIL's fixed-point resampling by a level or two, and nvjpeg's IDCT and chroma upsampling differ
 from libjpeg's. Mixed views (mixup/cutmix) are not rendered here.
 
-Shared by the build and (in principle) students, like `kdcache.views`: this module must not import the teacher.
+Shared by the build and students (`kdcache.train.replay`), like `kdcache.views`: it must not import the teacher.
 """
 
 from __future__ import annotations

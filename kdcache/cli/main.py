@@ -85,7 +85,8 @@ def cli(verbose: bool) -> None:
 @click.option("--decode", default="cpu", type=click.Choice(["cpu", "gpu"]),
               help="JPEG decoder: cpu (PIL in the DataLoader workers) or gpu (nvjpeg on the teacher's CUDA device, "
                    "batched, views resized there; workers only read bytes; other formats fall back to PIL per sample). "
-                   "Recorded in the cache and part of its --resume identity; students replay with PIL (README).")
+                   "Recorded in the cache and part of its --resume identity; CUDA students replay it the same way, "
+                   "others with PIL (train --decode; README).")
 @click.option("--seed", default=0, type=int, help="Seed of the view generator.")
 @click.option("--limit", default=None, type=click.IntRange(1),
               help="Only the first N image samples and N caption records (dry runs; single process).")

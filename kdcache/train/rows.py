@@ -46,8 +46,9 @@ _DECODE_NOTED: set[str] = set()
 
 
 def note_decoder(cache: Cache) -> None:
-    """Log once per cache that a `--decode gpu` cache (its JPEGs decoded by nvjpeg) is replayed with PIL (libjpeg):
-    what this student sees differs from what the teacher saw by the two decoders' rounding (README, "--decode")."""
+    """Log once per cache that a `--decode gpu` cache (its JPEGs decoded by nvjpeg) is replayed with PIL (libjpeg; no
+    CUDA, or `--decode cpu`): what this student sees differs from what the teacher saw by the two decoders' rounding
+    (README, "--decode")."""
     if cache.attrs["build"].get("decode", "cpu") != "gpu" or str(cache.path) in _DECODE_NOTED:
         return
     _DECODE_NOTED.add(str(cache.path))
