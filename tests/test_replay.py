@@ -164,3 +164,22 @@ def test_online_distillation_on_a_gpu_cache_sees_the_views_the_cache_was_built_f
     assert torch.cat(cos).min() > 0.9995
     res = run_online(_cfg(built, tmp_path / "on", decode="gpu", decode_device="cpu"), teacher=teacher_spec)
     assert res.steps == 4
+
+
+def test_show_draws_a_gpu_caches_views_as_the_build_made_them(built, tmp_path, monkeypatch):
+    """`kdcache show` on a --decode gpu cache renders with the build's tensor path: on this CPU (the build's device
+    here) its tiles are the build's pixels, for device-decoded JPEGs and PIL-decoded members alike."""
+    from kdcache.cache import show
+
+    drawn = {}
+    real = show._draw
+
+    def capture(tiles, *, title, out):
+        drawn["tiles"], drawn["title"] = tiles, title
+        return real(tiles, title=title, out=out)
+    monkeypatch.setattr(show, "_draw", capture)
+    for pos in (0, 1, 2, 5):  # RGB JPEG, PNG, greyscale JPEG, RGB JPEG
+        out = show.contact_sheet(built["cache"], f"s{pos:03d}", out=str(tmp_path / f"{pos}.png"))
+        assert out.exists() and "decoded as --decode gpu does" in drawn["title"]
+        for v, (px, _) in enumerate(drawn["tiles"]):
+            assert torch.equal(px, built["pixels"][(pos, v)]), (pos, v)

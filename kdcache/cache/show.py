@@ -4,7 +4,9 @@ and the teacher's top-3 classes — the picture to look at when tuning an `--aug
     kdcache show cache.zarr --key 000042 --out views.png
 
 The views are rendered from the cache's records with the build's own renderer (`kdcache.augment.render`) at the
-teacher's size, from the sample's shard (and, for a mixed view, its partner's); nothing is re-drawn.
+teacher's size, from the sample's shard (and, for a mixed view, its partner's); nothing is re-drawn. A `--decode gpu`
+cache's views are rendered by its tensor path (`kdcache.tensorviews`) from the same batched decode call, on the CPU:
+the build's pixels up to nvjpeg's IDCT, which libjpeg stands in for here.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from kdcache.augment import Policy, ViewRecord, erase_fill, record_arrays, rende
 from kdcache.augment_ops import OPS
 from kdcache.cache import schema
 from kdcache.cache.reader import Cache, CacheError, open_cache
-from kdcache.shards import RejectError, ShardReport, iter_shard, parse_sample
+from kdcache.shards import RejectError, ShardReport, decode_image, iter_shard, parse_sample
+from kdcache.shards.gpudecode import decode_pictures, probe_image
+from kdcache.tensorviews import TensorViews
 from kdcache.views import eval_transform_uint8
 
 TILE = 192          # views are shown at least this large (nearest-neighbour upscaling keeps their pixels visible)
@@ -59,13 +63,25 @@ def describe(rec: ViewRecord, view: int) -> list[str]:
     return lines
 
 
-def _samples(url: str, positions: set[int], *, max_pixels: int, background: tuple[int, int, int]) -> dict:
-    """The decoded pictures at `positions` of a shard (read up to the last one)."""
+def _samples(url: str, positions: set[int], *, max_pixels: int, background: tuple[int, int, int],
+             device_decode: bool = False) -> dict:
+    """The decoded pictures at `positions` of a shard (read up to the last one). With `device_decode` (a `--decode
+    gpu` cache), a JPEG the build decoded on its device is decoded by the same call here, on the CPU (a uint8 tensor;
+    libjpeg standing in for nvjpeg); other members as PIL decodes them."""
     out, last = {}, max(positions)
     for raw in iter_shard(url, ShardReport(url=url)):
         if raw.position in positions:
             try:
-                out[raw.position] = parse_sample(raw, max_pixels=max_pixels, background=background).image
+                sample = parse_sample(raw, max_pixels=max_pixels, background=background, decode=not device_decode)
+                pic = sample.image
+                if device_decode:
+                    on_device = probe_image(sample.image_bytes, max_pixels=max_pixels).fallback is None
+                    pic = (decode_pictures([sample.image_bytes], device="cpu", max_pixels=max_pixels,
+                                           background=background)[0] if on_device else
+                           decode_image(sample.image_bytes, max_pixels=max_pixels, background=background))
+                    if isinstance(pic, RejectError):
+                        raise pic
+                out[raw.position] = pic
             except RejectError as e:
                 raise CacheError(f"{url} position {raw.position} ({raw.key!r}) no longer decodes: {e}") from None
         if raw.position >= last:
@@ -89,13 +105,17 @@ def contact_sheet(cache_path: str, key: str, *, out: str, images: Sequence[str] 
     records = [unpack_record({k: a[k][p] for k in names}, v) for v in range(cache.views)]
     partners = {p + r.mix_offset for r in records if r.mix_kind}
     build = cache.attrs["build"]
+    gpu = build.get("decode", "cpu") == "gpu"  # rendered as the --decode gpu build did, on this CPU
     pics = _samples(cache.shard_urls(images)[unit.index], {p, *partners}, max_pixels=int(build["max_pixels"]),
-                    background=tuple(build["background"]))
+                    background=tuple(build["background"]), device_decode=gpu)
     classes = cache.vocab()[0] if "logits" in cache.capabilities else None
     eval_tf = eval_transform_uint8(pp)
+    tensor_views = TensorViews(pp, fill=fill) if gpu else None
     tiles = []
     for v, rec in enumerate(records):
-        if v == 0:
+        if tensor_views is not None:  # a gpu build has no mixed views
+            px = tensor_views.render(pics[p], None if v == 0 else rec)
+        elif v == 0:
             px = eval_tf(pics[p])
         else:
             q = p + rec.mix_offset
@@ -108,7 +128,8 @@ def contact_sheet(cache_path: str, key: str, *, out: str, images: Sequence[str] 
             lines.append("teacher: " + ", ".join(f"{classes[i]} {pr:.0%}"
                                                  for i, pr in zip(a["topk_idx"][p, v, :3], prob, strict=True)))
         tiles.append((px, lines))
-    return _draw(tiles, title=f"{key} ({unit.source} #{p}) - policy {policy.spec() or 'default'}", out=Path(out))
+    how = " - decoded as --decode gpu does (libjpeg for nvjpeg)" if gpu else ""
+    return _draw(tiles, title=f"{key} ({unit.source} #{p}) - policy {policy.spec() or 'default'}{how}", out=Path(out))
 
 
 def _draw(tiles: list[tuple[torch.Tensor, list[str]]], *, title: str, out: Path) -> Path:
