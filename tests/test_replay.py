@@ -183,3 +183,12 @@ def test_show_draws_a_gpu_caches_views_as_the_build_made_them(built, tmp_path, m
         assert out.exists() and "decoded as --decode gpu does" in drawn["title"]
         for v, (px, _) in enumerate(drawn["tiles"]):
             assert torch.equal(px, built["pixels"][(pos, v)]), (pos, v)
+
+
+def test_the_text_tower_refuses_a_device_replay(built):
+    from kdcache.train.dataspec import DataError
+
+    spec = DataSpec(cache=built["cache"], tower="text", batch_size=4, seed=0, val_fraction=0.0)
+    with pytest.raises(DataError, match="device_decode replays image views"):
+        make_loader(spec, split="train", epoch=0, tokenizer=lambda texts: torch.zeros(len(texts), 8),
+                    device_decode=True)

@@ -56,8 +56,7 @@ class HostOutputs:
 
     @classmethod
     def start(cls, values: tuple, hints: dict) -> HostOutputs:
-        on_cuda = [t for t in (*values, *hints.values()) if t is not None and t.is_cuda]
-        if not on_cuda:
+        if not any(t is not None and t.is_cuda for t in (*values, *hints.values())):
             return cls(tuple(None if t is None else t.cpu() for t in values), {n: f.cpu() for n, f in hints.items()})
 
         def host(t):

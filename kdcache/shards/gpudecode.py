@@ -105,7 +105,6 @@ def _checked(x: torch.Tensor) -> torch.Tensor | None:
     return x if x.dtype == torch.uint8 and x.ndim == 3 and x.shape[0] == 3 else None
 
 
-
 def decode_pictures(datas: list[bytes], *, device: str | torch.device, max_pixels: int,
                     background: tuple[int, int, int]):
     """Each JPEG member decoded as a `--decode gpu` build decodes it: on `device` in one batched call (uint8 RGB

@@ -83,7 +83,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         tower = ROWS[spec.tower]
         self.rows: Rows = tower(spec, tower.open(spec), student_preprocess=student_preprocess, tokenizer=tokenizer,
                                 teacher_preprocess=teacher_preprocess, return_texts=return_texts,
-                                **({"device_decode": True} if device_decode else {}))
+                                device_decode=device_decode)
 
     def set_position(self, split: str, epoch: int, start_step: int = 0) -> None:
         """Serve `split` of `epoch` from batch `start_step` on, from the next `iter()` of the stream or its loader."""

@@ -48,10 +48,12 @@ class TextRows(Rows[tuple[CaptionBlock, int]]):
 
     def __init__(self, spec: DataSpec, cache: Cache, *, tokenizer: Callable | None = None,
                  return_texts: bool = False, teacher_preprocess: dict | None = None,
-                 student_preprocess: dict | None = None):
+                 student_preprocess: dict | None = None, device_decode: bool = False):
         del student_preprocess  # the text tower has no pixels
         if teacher_preprocess is not None:
             raise DataError("teacher_preprocess renders teacher views of images; the text tower has none")
+        if device_decode:
+            raise DataError("device_decode replays image views on the device; the text tower has none")
         if tokenizer is None:
             raise DataError("the text tower needs the student's tokenizer (tokenizer=open_clip.get_tokenizer(...))")
         self.spec = spec
