@@ -112,6 +112,8 @@ def test_the_replay_decoder_is_resolved_from_the_cache_the_device_and_the_option
             r("gpu", cache_decode="gpu", tower="image", device=cuda, decode_device=None)
     with pytest.raises(TrainError, match="decoded by PIL .* use --decode auto or cpu"):
         r("gpu", cache_decode="cpu", tower="image", device=cuda, decode_device=None)
+    with pytest.raises(TrainError, match="--decode 'nvjpeg': expected one of auto, cpu, gpu"):
+        TrainConfig(cache="c.zarr", tower="image", student="kdc-tiny-image", out="r", decode="nvjpeg")
 
 
 def _cfg(built, out, **kw) -> TrainConfig:

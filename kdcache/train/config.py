@@ -13,6 +13,9 @@ NON_IDENTITY = ("resume", "progress", "workers", "out", "images", "checkpoint_ev
                 "report_to", "max_skipped_steps", "decode", "decode_device")  # the replay decoder: resolved
 
 
+REPLAY_DECODERS = ("auto", "cpu", "gpu")  # --decode: how image views are replayed (kdcache.train.replay)
+
+
 class TrainError(ValueError):
     """A run that cannot start as asked; the message names the field."""
 
@@ -57,6 +60,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_numbers(self)
+        if self.decode not in REPLAY_DECODERS:
+            raise TrainError(f"--decode {self.decode!r}: expected one of {', '.join(REPLAY_DECODERS)}")
 
 
 # The ranges of TrainConfig's numbers, the same as the option types of `kdcache train` (kdcache/cli/main.py), so a

@@ -28,10 +28,8 @@ from kdcache.augment import ViewRecord
 from kdcache.shards import RejectError
 from kdcache.shards.gpudecode import decode_pictures, device_decode_problem
 from kdcache.tensorviews import TensorViews
-from kdcache.train.config import TrainError
+from kdcache.train.config import REPLAY_DECODERS, TrainError
 from kdcache.train.dataspec import DataError
-
-REPLAY_DECODERS = ("auto", "cpu", "gpu")
 
 
 def resolve(decode: str, *, cache_decode: str, tower: str, device: torch.device, decode_device: str | None) -> str:
