@@ -10,11 +10,12 @@
 3. Throughput on CUDA: `kdcache build` with ViT-B-32 (random init) on real-sized JPEGs ÷ the bare teacher forward on
    pre-decoded uint8 tensors (the issue's GPU target is ≥ 0.95), at fp16.
 4. GPU JPEG decode (`--decode gpu`, issue 15): build throughput with --decode gpu and with --decode cpu ÷ the bare
-   fp16 forward (target ≥ 0.8 for gpu), and the decoders' difference as a CPU-only student meets it: the teacher's
-   embedding (fp32) of each view replayed with PIL vs the cached nvjpeg-decoded view (target cos ≥ 0.999); and as a
-   CUDA student replays it (`kdcache train --decode gpu`, the build's own decode and rendering): "replay_fidelity",
-   expected ≈ 1 up to the forward's batch composition; and "phases": milliseconds per batch of the decode, the view
-   rendering, the forward and the copy back, each timed alone, to show which one bounds the build.
+   fp16 forward (target ≥ 0.8 for gpu; "gpu_inline": --decode gpu without its background decode thread), and the
+   decoders' difference as a CPU-only student meets it: the teacher's embedding (fp32) of each view replayed with
+   PIL vs the cached nvjpeg-decoded view (target cos ≥ 0.999); and as a CUDA student replays it (`kdcache train
+   --decode gpu`, the build's own decode and rendering): "replay_fidelity", expected ≈ 1 up to the forward's batch
+   composition; and "phases": milliseconds per batch of the decode, the view rendering, the forward and the copy
+   back, each timed alone, to show which one bounds the build.
 
     python bench/gpu_check.py --dry-run --n-images 16 --out /tmp/gpu_check.json   # part 4's helpers on the CPU
                                                                                  # (libjpeg stands in for nvjpeg)
@@ -30,6 +31,7 @@ photo-like JPEGs and a random-init ViT-B-32):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -160,6 +162,20 @@ def decode_phases(shards: list[str], teacher, *, device: str, batch: int, batche
             "img_s_if_overlapped": batch / max(ms.values()) * 1e3 if ms else None}
 
 
+@contextlib.contextmanager
+def _decode_inline(inline: bool):
+    """With `inline`, the build decodes and renders each --decode gpu batch on its main thread (no `ahead`)."""
+    import kdcache.cache.build as build_mod
+
+    real = build_mod.ahead
+    if inline:
+        build_mod.ahead = lambda items, work: ((item, work(item)) for item in items)
+    try:
+        yield
+    finally:
+        build_mod.ahead = real
+
+
 def gpu_decode_part(tmp: Path, *, n_images: int, dry_run: bool, bare: float | None, images: tuple[str, ...] = (),
                     teacher: str | None = None, limit: int | None = None) -> dict:
     """Part 4. The dry run uses the tiny teacher (or `teacher`) on the CPU and runs the decode path there (libjpeg,
@@ -181,12 +197,19 @@ def gpu_decode_part(tmp: Path, *, n_images: int, dry_run: bool, bare: float | No
     device, prec, batch = ("cpu", "fp32", 16) if dry_run else ("cuda", "fp16", 256)
     where = {"decode_device": "cpu"} if dry_run else {}
     rates = {}
-    for decode, workers in (("gpu", 0 if dry_run else 4), ("cpu", 0 if dry_run else 14)):
-        t0 = time.perf_counter()
-        r = run(BuildConfig(out=str(tmp / f"dec-{decode}.zarr"), teacher=spec, allow_random_init=True,
-                            images=tuple(shards), device=device, precision=prec, batch_size=batch, workers=workers,
-                            decode=decode, limit=limit, progress=False, **(where if decode == "gpu" else {})))
-        rates[decode] = r.summary["images"] / (time.perf_counter() - t0)
+    # "gpu_inline": --decode gpu with each batch decoded and rendered on the main thread, between the forwards, as
+    # before the build did it one batch ahead on a background thread (kdcache.shards.gpudecode.ahead): the ratio
+    # gpu / gpu_inline is what that thread buys.
+    for run_as, workers in (("gpu", 0 if dry_run else 4), ("gpu_inline", 0 if dry_run else 4),
+                            ("cpu", 0 if dry_run else 14)):
+        decode = run_as.split("_")[0]
+        with _decode_inline(run_as == "gpu_inline"):
+            t0 = time.perf_counter()
+            r = run(BuildConfig(out=str(tmp / f"dec-{run_as}.zarr"), teacher=spec, allow_random_init=True,
+                                images=tuple(shards), device=device, precision=prec, batch_size=batch,
+                                workers=workers, decode=decode, limit=limit, progress=False,
+                                **(where if decode == "gpu" else {})))
+            rates[run_as] = r.summary["images"] / (time.perf_counter() - t0)
     # Fidelity: a fp32 build with 2 views (of the first shard, or of the first `limit` images given), replayed with PIL
     # through the same fp32 teacher.
     out = str(tmp / "dec-fidelity.zarr")

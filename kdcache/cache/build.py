@@ -54,7 +54,7 @@ from kdcache.cache.writer import (
 from kdcache.locks import LockError, WriterLock
 from kdcache.shards import expand_urls
 from kdcache.shards.decode import MAX_CAPTION_CHARS
-from kdcache.shards.gpudecode import DECODERS, device_decode_problem
+from kdcache.shards.gpudecode import DECODERS, ahead, device_decode_problem
 from kdcache.teacher import teacher_mismatch
 
 log = logging.getLogger(__name__)
@@ -328,9 +328,12 @@ class _Builder:
                 done, out = pending
                 pending = None
                 parts.setdefault(done.unit.name, []).append((done.positions, done.views, *out.get()))
-        for item in one_thread(loader) if loader.num_workers == 0 else loader:
+        items = one_thread(loader) if loader.num_workers == 0 else loader
+        # --decode gpu: each batch decoded and rendered on a background thread while the previous one's forward runs
+        prepared = ((item, None) for item in items) if on_device is None else ahead(items, on_device.prepare)
+        for item, pixels in prepared:
             if isinstance(item, Batch):
-                out = teach.image_outputs(item.pixels if on_device is None else on_device.pixels(item))
+                out = teach.image_outputs(item.pixels if pixels is None else pixels)
                 land()
                 pending = (item, out)
                 bar.update(int((item.views == 0).sum()))

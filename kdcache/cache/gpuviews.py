@@ -30,6 +30,12 @@ class DeviceViews:
         self.size = size_hw(preprocess)
         self.refused: dict[str, dict[int, RejectError | None]] = {}  # unit -> position -> PIL's reject (None: ok)
 
+    def prepare(self, item: Batch | ShardMeta) -> torch.Tensor | None:
+        """`pixels` of a batch (None for a ShardMeta): the build runs this on its decode thread, one item ahead
+        (`kdcache.shards.gpudecode.ahead`), so a shard's batches are all prepared before its ShardMeta reaches
+        `finish` on the main thread."""
+        return self.pixels(item) if isinstance(item, Batch) else None
+
     def pixels(self, batch: Batch) -> torch.Tensor:
         """The batch's views on the device: rows the stream rendered are moved there, the others decoded and
         rendered there (each JPEG once per batch)."""

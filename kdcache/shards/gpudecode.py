@@ -10,12 +10,19 @@ still refuses comes back as None for the caller to decode with PIL (reason "nvjp
 
 Greyscale JPEGs are decoded straight to RGB (ImageReadMode.RGB: the grey channel repeated, as PIL's L -> RGB).
 EXIF orientation is ignored by both decoders, as by `parse_sample`.
+
+nvjpeg's batched decode blocks its caller until the batch is decoded (torchvision synchronises its decoder's stream),
+so the build and students decode and render each batch one batch ahead, on a background thread (`ahead`), while the
+main thread launches the forward and waits for it.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -31,6 +38,7 @@ FALLBACKS = {
     "nvjpeg_error": "the device decoder refused it at decode time",
 }
 _DEVICE_MODES = ("RGB", "L")
+T, R = TypeVar("T"), TypeVar("R")
 _EOI = b"\xff\xd9"
 
 
@@ -118,3 +126,35 @@ def decode_pictures(datas: list[bytes], *, device: str | torch.device, max_pixel
             except RejectError as e:
                 out[i] = e
     return out
+
+
+def ahead(items: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R]]:
+    """Each of `items` with `work(item)`, in order, the work done on one background thread one item ahead: while the
+    caller uses item k (launches a forward and waits for it), the thread decodes and renders item k+1. torch releases
+    the GIL in its ops and in torchvision's nvjpeg decode, which blocks until the batch is decoded: this takes the
+    decode off the thread that feeds the GPU. An exception from `work` is raised at its item; closing the generator
+    (a break, an error in the caller) cancels the work not yet started and does not wait for the one running."""
+    # The thread works on the caller's CUDA device (a torch.cuda.set_device is per thread), if CUDA is in use.
+    cuda = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kdcache-decode",
+                              initializer=None if cuda is None else torch.cuda.set_device, initargs=(cuda,))
+    it = iter(items)
+    pending = None
+    try:
+        while True:
+            try:
+                item = next(it)
+            except StopIteration:
+                break
+            except Exception:  # the items before the failure are still delivered (a finished shard is written)
+                if pending is not None:
+                    yield pending[0], pending[1].result()
+                raise
+            started = pool.submit(work, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (item, started)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -9,7 +9,8 @@ student replays such a cache the same way, so it sees what the teacher saw:
   did; every other JPEG travels undecoded in the batch (`ReplayJobs`);
 - the main process decodes a batch's JPEGs on the device in one call, falling back to PIL where the device refuses
   one, exactly as the build did (`decode_pictures`), and renders each row's view from the decoded picture at the
-  student's size (and, for online distillation, the teacher's): `DeviceReplay`.
+  student's size (and, for online distillation, the teacher's): `DeviceReplay`, on a background thread one batch
+  ahead of the training step (`replayed`).
 
 `resolve` picks the decoder: `auto` (the default) is `gpu` for a `--decode gpu` cache on a CUDA student and `cpu`
 (PIL, logged once per cache) otherwise; `gpu` is refused for a cache PIL decoded, and without CUDA. The decoder a run
@@ -26,7 +27,7 @@ from open_clip.transform import PreprocessCfg
 
 from kdcache.augment import ViewRecord
 from kdcache.shards import RejectError
-from kdcache.shards.gpudecode import decode_pictures, device_decode_problem
+from kdcache.shards.gpudecode import ahead, decode_pictures, device_decode_problem
 from kdcache.tensorviews import TensorViews
 from kdcache.train.config import REPLAY_DECODERS, TrainError
 from kdcache.train.dataspec import DataError
@@ -116,5 +117,6 @@ class DeviceReplay:
 
 
 def replayed(batches, replay: DeviceReplay | None):
-    """`batches` with their views decoded and rendered on the device (unchanged without a replay)."""
-    return batches if replay is None else map(replay, batches)
+    """`batches` with their views decoded and rendered on the device (unchanged without a replay), each on a
+    background thread while the step before it runs (`ahead`)."""
+    return batches if replay is None else (out for _, out in ahead(batches, replay))
