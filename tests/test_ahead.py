@@ -120,3 +120,50 @@ def test_a_student_replays_each_batch_on_the_decode_thread():
     assert [b["i"] for b in out] == [0, 1, 2]
     assert all(b["thread"].startswith("kdcache-decode") for b in out)
     assert list(replayed(iter([{"i": 0}]), None)) == [{"i": 0}]  # no replay: the batches as they are
+
+
+_BUILD = """
+import sys
+from kdcache.cache.build import run
+from kdcache.cache.config import BuildConfig
+try:
+    run(BuildConfig(out=sys.argv[1], teacher=sys.argv[2], images=tuple(sys.argv[4:]), views=2,
+                    batch_size=int(sys.argv[3]), threads=1, decode="gpu", decode_device="cpu", resume=True,
+                    progress=False))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_the_decode_thread_running_then_resume_gives_the_identical_cache(tmp_path, teacher_spec):
+    """A --decode gpu build interrupted while its decode thread works on the next batch exits promptly with what it
+    finished written, and --resume completes the cache an uninterrupted build makes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import assert_identical_caches
+
+    from kdcache.cache import schema
+    from kdcache.synth import write_image_shards
+
+    shards = [str(s) for s in write_image_shards(tmp_path / "s", n_shards=8, per_shard=8, seed=4)]
+    ref, out = tmp_path / "ref.zarr", tmp_path / "int.zarr"
+    cmd = [sys.executable, "-c", _BUILD, "", teacher_spec, "2", *shards]
+    subprocess.run([*cmd[:3], str(ref), *cmd[4:]], check=True, timeout=300)
+
+    def done() -> int:
+        d = out / schema.STATUS
+        return len(list(d.iterdir())) if d.exists() else 0
+    proc = subprocess.Popen([*cmd[:3], str(out), *cmd[4:]], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while done() < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)  # a decode thread left waiting would hang the exit here
+    assert proc.returncode == 130, err[-2000:]
+    assert 0 < done() < len(shards), f"the interrupt landed outside the build ({done()} units done)"
+    subprocess.run([*cmd[:3], str(out), *cmd[4:]], check=True, timeout=300)
+    assert_identical_caches(out, ref)
