@@ -117,9 +117,10 @@ def replay_fidelity(cache: str, teacher, *, device: str) -> dict:
 
 def decode_phases(shards: list[str], teacher, *, device: str, batch: int, batches: int = 6) -> dict:
     """Where a `--decode gpu` batch's time goes, each phase timed alone (synchronised): the batched decode, rendering
-    the eval views one by one on the device, the teacher's forward, and copying its embeddings back. Their sum is the
-    time per batch if nothing overlapped; the build overlaps the next batch's decode and rendering with the forward,
-    so its rate lies between 1/sum and 1/max. Milliseconds per batch (median over `batches`), and images/s."""
+    the eval views on the device (as the build does: pictures of one size together, `TensorViews.render_all`), the
+    teacher's forward, and copying its embeddings back. Their sum is the time per batch if nothing overlapped; the
+    build decodes and renders the next batch on its decode thread while the forward runs, so its rate lies between
+    1/sum and 1/max. Milliseconds per batch (median over `batches`), and images/s."""
     from kdcache.augment import erase_fill
     from kdcache.shards import ShardReport, iter_shard
     from kdcache.shards.gpudecode import decode_jpegs
@@ -145,7 +146,7 @@ def decode_phases(shards: list[str], teacher, *, device: str, batch: int, batche
         t = [time.perf_counter()]
         pics = decode_jpegs(chunk, device=device)
         sync(), t.append(time.perf_counter())
-        px = torch.stack([views.eval_view(p) for p in pics if p is not None])
+        px = torch.stack(views.render_all([(p, None) for p in pics if p is not None]))
         sync(), t.append(time.perf_counter())
         emb = teacher.encode_images(px, on_device=True)
         sync(), t.append(time.perf_counter())

@@ -51,9 +51,36 @@ class TensorViews:
             return self._eval_tf(pic)
         return render(pic, rec, size=tuple(self.size), interpolation=self.preprocess["interpolation"], fill=self.fill)
 
-    def eval_view(self, x: torch.Tensor) -> torch.Tensor:
-        """View 0: open_clip's eval transform of the source picture, uint8 [3, h, w]."""
-        _check(x)
+    def render_all(self, jobs: list[tuple], *, together: bool | None = None) -> list[torch.Tensor]:
+        """`render` of each (picture, record) pair, pixel for pixel, with the view 0s of decoded pictures of one size
+        rendered `together` in one call (`eval_view` of their stack; each picture of a stack is resized as it would be
+        alone: the same kernel, element by element). On a GPU (`together` None: pictures not on the CPU) a batch then
+        costs a few kernel launches per picture size instead of a few per picture, and a dataset's or a camera's
+        pictures often share a size; on the CPU, where an op's dispatch is cheap beside its work, stacking the
+        pictures costs more than it saves (bench/bench_render.py)."""
+        out: list = [None] * len(jobs)
+        same_size: dict[tuple, list[int]] = {}
+        for i, (pic, rec) in enumerate(jobs):
+            if rec is None and isinstance(pic, torch.Tensor) and (pic.device.type != "cpu" if together is None
+                                                                   else together):
+                _check(pic)
+                same_size.setdefault(tuple(pic.shape), []).append(i)
+            else:
+                out[i] = self.render(pic, rec)
+        for idx in same_size.values():
+            if len(idx) == 1:
+                out[idx[0]] = self.eval_view(jobs[idx[0]][0])
+            else:
+                stacked = self.eval_view(torch.stack([jobs[i][0] for i in idx]), checked=True)
+                for i, x in zip(idx, stacked.unbind(0), strict=True):
+                    out[i] = x
+        return out
+
+    def eval_view(self, x: torch.Tensor, *, checked: bool = False) -> torch.Tensor:
+        """View 0: open_clip's eval transform of the source picture, uint8 [3, h, w] (of each of a [N, 3, H, W] stack,
+        `checked` by the caller)."""
+        if not checked:
+            _check(x)
         for s in self.eval_steps:
             if isinstance(s, ResizeKeepRatio):
                 w, h = eval_resize(x.shape[-1], x.shape[-2], self.preprocess)

@@ -77,6 +77,30 @@ def test_tensor_views_match_the_pil_path(resize_mode, teacher_spec):
     assert cos.min() >= 0.999, cos.min()
 
 
+@pytest.mark.parametrize("resize_mode, interpolation", [("shortest", "bicubic"), ("longest", "bilinear"),
+                                                         ("squash", "bicubic")])
+def test_render_all_renders_each_view_as_render_does(resize_mode, interpolation):
+    """A batch's view 0s of same-size pictures rendered in one call (as on a GPU) are, pixel for pixel, the views
+    rendered one by one; random views and PIL-decoded pictures in the same batch are rendered as `render` renders
+    them, in batch order."""
+    pp = {"size": 40, "mode": "RGB", "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": interpolation,
+          "resize_mode": resize_mode, "fill_color": 0}
+    tv = TensorViews(pp, fill=(7, 8, 9))
+    rng = np.random.default_rng(3)
+    sizes = [(120, 90), (64, 200), (120, 90), (77, 55), (64, 200), (120, 90)]
+    pics = [decode_jpegs([photo(rng, w, h)], device="cpu")[0] for w, h in sizes]
+    jobs = [(x, None) for x in pics]
+    jobs += [(pics[0], ViewRecord(box=(3, 4, 50, 60), flip=True, ops=(1,), mags=(9,))),
+             (decode_image(photo(rng, 120, 90), max_pixels=MAX_PIXELS), None)]
+    jobs.insert(2, (pics[1], ViewRecord(box=(0, 0, 64, 100), flip=False)))
+    got = tv.render_all(jobs, together=True)  # as on a GPU
+    want = [tv.render(pic, rec) for pic, rec in jobs]
+    assert all(torch.equal(a, b) for a, b in zip(tv.render_all(jobs), want, strict=True))  # CPU: one by one
+    assert len(got) == len(want) == 9
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.shape == w.shape == (3, 40, 40) and torch.equal(g, w), i
+
+
 def test_probe_routes_members_by_header():
     rng = np.random.default_rng(1)
     assert probe_image(photo(rng, 40, 30), max_pixels=MAX_PIXELS).fallback is None

@@ -51,15 +51,17 @@ class DeviceViews:
                 refused.setdefault(p, pic if isinstance(pic, RejectError) else None)
                 if isinstance(pic, RejectError):
                     pics[p] = None
+        rendered = iter(self.views.render_all([(pics[p], j.rec) for p, j in zip(positions, batch.jobs, strict=True)
+                                               if isinstance(j, ViewJob) and pics[p] is not None]))
         out = []
         for p, job in zip(positions, batch.jobs, strict=True):
-            out.append(job.to(self.device) if isinstance(job, torch.Tensor) else self._render(pics[p], job))
+            if isinstance(job, torch.Tensor):  # rendered by PIL in the worker
+                out.append(job.to(self.device))
+            elif pics[p] is None:  # rejected: its rows are dropped when the shard is assembled
+                out.append(torch.zeros(3, *self.size, dtype=torch.uint8, device=self.device))
+            else:
+                out.append(next(rendered).to(self.device))
         return torch.stack(out)
-
-    def _render(self, pic, job: ViewJob) -> torch.Tensor:
-        if pic is None:  # rejected: its rows are dropped when the shard is assembled
-            return torch.zeros(3, *self.size, dtype=torch.uint8, device=self.device)
-        return self.views.render(pic, job.rec).to(self.device)
 
     def finish(self, meta: ShardMeta) -> None:
         """Record in the shard's meta (in place) what the device refused: PIL fallbacks counted, PIL rejects made

@@ -106,14 +106,16 @@ class DeviceReplay:
                                 f"it now ({pic}): the shard was rewritten after the build; --exclude '{key}' trains "
                                 "without it")
         out = {k: v for k, v in batch.items() if k != "replay"}
-        out["pixels"] = torch.stack([self._pixels(self.student, pics, r, r.student) for r in jobs.rows])
+        out["pixels"] = self._pixels(self.student, pics, jobs.rows, [r.student for r in jobs.rows])
         if self.teacher is not None:
-            out["teacher_pixels"] = torch.stack([self._pixels(self.teacher, pics, r, r.teacher) for r in jobs.rows])
+            out["teacher_pixels"] = self._pixels(self.teacher, pics, jobs.rows, [r.teacher for r in jobs.rows])
         return out
 
-    def _pixels(self, views: TensorViews, pics: list, row: ReplayRow, rendered: torch.Tensor | None) -> torch.Tensor:
-        px = rendered if rendered is not None else views.render(pics[row.jpeg], row.rec)
-        return px.to(self.device)
+    def _pixels(self, views: TensorViews, pics: list, rows: list[ReplayRow], in_worker: list) -> torch.Tensor:
+        """The rows' views at one size: rendered in the worker, or from the decoded pictures here."""
+        here = iter(views.render_all([(pics[r.jpeg], r.rec) for r, w in zip(rows, in_worker, strict=True)
+                                      if w is None]))
+        return torch.stack([(next(here) if w is None else w).to(self.device) for w in in_worker])
 
 
 def replayed(batches, replay: DeviceReplay | None):
