@@ -21,7 +21,6 @@ about nvjpeg's speed or the real forward's, which only `gpu_check.py` measures.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -45,7 +44,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from bench_build import synth_shards
+    from bench_build import synth_shards, write_result
 
     from kdcache.shards import ShardReport, iter_shard
     from kdcache.shards.gpudecode import ahead, decode_pictures
@@ -97,8 +96,7 @@ def main(argv=None) -> dict:
                              "range": [min(ratios), max(ratios)]}
         print(name, res["by_f"][name], flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        write_result(args.out, res)
     return res
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_ahead import PREPROCESS  # noqa: E402 (the path above)
+from bench_build import write_result  # noqa: E402
 
 
 class _Count(TorchDispatchMode):
@@ -106,8 +106,7 @@ def main(argv=None) -> dict:
         res["sets"][name] = row
         print(name, row, flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        write_result(args.out, res)
     return res
 
 
