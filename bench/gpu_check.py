@@ -198,9 +198,9 @@ def gpu_decode_part(tmp: Path, *, n_images: int, dry_run: bool, bare: float | No
     device, prec, batch = ("cpu", "fp32", 16) if dry_run else ("cuda", "fp16", 256)
     where = {"decode_device": "cpu"} if dry_run else {}
     rates = {}
-    # "gpu_inline": --decode gpu with each batch decoded and rendered on the main thread, between the forwards, as
-    # before the build did it one batch ahead on a background thread (kdcache.shards.gpudecode.ahead): the ratio
-    # gpu / gpu_inline is what that thread buys.
+    # "gpu_inline": --decode gpu with each batch decoded and rendered on the main thread and its stream, between the
+    # forwards, as before the build did it one batch ahead on a background thread and a stream of its own
+    # (kdcache.shards.gpudecode.ahead): the ratio gpu / gpu_inline is what that buys.
     for run_as, workers in (("gpu", 0 if dry_run else 4), ("gpu_inline", 0 if dry_run else 4),
                             ("cpu", 0 if dry_run else 14)):
         decode = run_as.split("_")[0]

@@ -168,3 +168,23 @@ def test_ctrl_c_with_the_decode_thread_running_then_resume_gives_the_identical_c
     assert 0 < done() < len(shards), f"the interrupt landed outside the build ({done()} units done)"
     subprocess.run([*cmd[:3], str(out), *cmd[4:]], check=True, timeout=300)
     assert_identical_caches(out, ref)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_work_runs_on_a_stream_of_its_own_and_its_outputs_reach_the_callers():
+    """nvjpeg writes its output without waiting for the caller's stream: the work must not share the caller's stream
+    (whose freed blocks its kernels may still use), and the caller must wait for the work's kernels."""
+    import torch
+
+    torch.cuda.init()
+    caller = torch.cuda.current_stream()
+
+    def work(i):
+        x = torch.full((2048, 2048), float(i), device="cuda")
+        for _ in range(20):  # long enough that the caller would read it unfinished without the event
+            x = x * 1.0 + 1.0
+        return {"x": x, "stream": torch.cuda.current_stream()}
+
+    for i, out in ahead(range(4), work):
+        assert out["stream"] != caller
+        assert float(out["x"][0, 0]) == i + 20 and float(out["x"].sum()) == (i + 20) * 2048 * 2048

@@ -132,12 +132,15 @@ def ahead(items: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R]]:
     """Each of `items` with `work(item)`, in order, the work done on one background thread one item ahead: while the
     caller uses item k (launches a forward and waits for it), the thread decodes and renders item k+1. torch releases
     the GIL in its ops and in torchvision's nvjpeg decode, which blocks until the batch is decoded: this takes the
-    decode off the thread that feeds the GPU. An exception from `work` is raised at its item; closing the generator
-    (a break, an error in the caller) cancels the work not yet started and does not wait for the one running."""
+    decode off the thread that feeds the GPU. On CUDA the work runs on a stream of its own (`_SideStream`). An
+    exception from `work` is raised at its item; closing the generator (a break, an error in the caller) cancels the
+    work not yet started and does not wait for the one running."""
     # The thread works on the caller's CUDA device (a torch.cuda.set_device is per thread), if CUDA is in use.
     cuda = torch.cuda.current_device() if torch.cuda.is_initialized() else None
     pool = ThreadPoolExecutor(1, thread_name_prefix="kdcache-decode",
                               initializer=None if cuda is None else torch.cuda.set_device, initargs=(cuda,))
+    side = None if cuda is None else _SideStream(work)
+    run, take = (work, lambda r: r) if side is None else (side, side.take)
     it = iter(items)
     pending = None
     try:
@@ -148,13 +151,59 @@ def ahead(items: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R]]:
                 break
             except Exception:  # the items before the failure are still delivered (a finished shard is written)
                 if pending is not None:
-                    yield pending[0], pending[1].result()
+                    yield pending[0], take(pending[1].result())
                 raise
-            started = pool.submit(work, item)
+            started = pool.submit(run, item)
             if pending is not None:
-                yield pending[0], pending[1].result()
+                yield pending[0], take(pending[1].result())
             pending = (item, started)
         if pending is not None:
-            yield pending[0], pending[1].result()
+            yield pending[0], take(pending[1].result())
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _SideStream:
+    """`ahead`'s work on CUDA, on a stream of the decode thread's own, handed over to the caller's stream safely.
+
+    torchvision allocates nvjpeg's output on the current stream and nvjpeg writes it on a stream of its own, without
+    waiting for anything queued on the current stream. On the caller's stream, the caching allocator hands out blocks
+    the forward just freed while its kernels are still queued, and nvjpeg would write into them under those kernels.
+    So the work runs on this thread's stream, drained before each item (only the previous item's rendering is on it),
+    and its outputs reach the caller's stream through an event, recorded there (`record_stream`) so that their blocks
+    are not handed out again before the caller's kernels are done with them."""
+
+    def __init__(self, work: Callable):
+        self.work, self.stream = work, None
+
+    def __call__(self, item):  # on the decode thread
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        with torch.cuda.stream(self.stream):
+            self.stream.synchronize()
+            out = self.work(item)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return out, done
+
+    @staticmethod
+    def take(result):  # on the caller's thread
+        out, done = result
+        stream = torch.cuda.current_stream()
+        stream.wait_event(done)
+        for t in _cuda_tensors(out):
+            t.record_stream(stream)
+        return out
+
+
+def _cuda_tensors(x) -> Iterator[torch.Tensor]:
+    """The CUDA tensors in a tensor, or in the values of a dict or the items of a list or tuple, at any depth."""
+    if isinstance(x, torch.Tensor):
+        if x.is_cuda:
+            yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _cuda_tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _cuda_tensors(v)
