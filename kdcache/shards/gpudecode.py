@@ -38,8 +38,8 @@ FALLBACKS = {
     "nvjpeg_error": "the device decoder refused it at decode time",
 }
 _DEVICE_MODES = ("RGB", "L")
-T, R = TypeVar("T"), TypeVar("R")
 _EOI = b"\xff\xd9"
+T, R = TypeVar("T"), TypeVar("R")
 
 
 @dataclass(frozen=True)
