@@ -150,10 +150,20 @@ def machine_note() -> str:
 # ----------------------------------------------------------------------------------------------------- the bench
 
 
-def synth_shards(out: Path, n: int, per_shard: int, seed: int = 0) -> list[str]:
-    """Real-sized JPEGs (256-512 px, photo-like noise + shapes) so decode costs what it costs on real data."""
+def synth_jpeg(rng: np.random.Generator, w: int, h: int) -> bytes:
+    """A photo-like w x h JPEG (smooth noise + an ellipse), so decode costs what it costs on real data."""
     from PIL import Image, ImageDraw
 
+    base = rng.integers(0, 255, size=(h // 8, w // 8, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((w, h), Image.BICUBIC)
+    ImageDraw.Draw(img).ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=tuple(rng.integers(0, 255, 3)))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def synth_shards(out: Path, n: int, per_shard: int, seed: int = 0) -> list[str]:
+    """Real-sized JPEGs (256-512 px, `synth_jpeg`) in `n` shards of `per_shard`."""
     from kdcache.synth import write_tar
 
     rng = np.random.default_rng(seed)
@@ -163,13 +173,8 @@ def synth_shards(out: Path, n: int, per_shard: int, seed: int = 0) -> list[str]:
         members = []
         for i in range(per_shard):
             w, h = (int(x) for x in rng.integers(256, 513, size=2))
-            base = rng.integers(0, 255, size=(h // 8, w // 8, 3), dtype=np.uint8)
-            img = Image.fromarray(base).resize((w, h), Image.BICUBIC)
-            ImageDraw.Draw(img).ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=tuple(rng.integers(0, 255, 3)))
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=90)
             key = f"{s:05d}{i:04d}"
-            members += [(f"{key}.jpg", buf.getvalue()), (f"{key}.cls", str(i % 10).encode())]
+            members += [(f"{key}.jpg", synth_jpeg(rng, w, h)), (f"{key}.cls", str(i % 10).encode())]
         paths.append(write_tar(out / f"bench-{s:05d}.tar", members))
     return paths
 

@@ -19,7 +19,6 @@ dispatch it saves.
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_ahead import PREPROCESS  # noqa: E402 (the path above)
-from bench_build import write_result  # noqa: E402
+from bench_build import synth_jpeg, write_result  # noqa: E402
 
 
 class _Count(TorchDispatchMode):
@@ -43,16 +42,6 @@ class _Count(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         return func(*args, **(kwargs or {}))
-
-
-def _jpeg(rng: np.random.Generator, w: int, h: int) -> bytes:
-    from PIL import Image
-
-    base = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
-    img = Image.fromarray(base).resize((w, h), Image.BICUBIC)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def main(argv=None) -> dict:
@@ -71,8 +60,8 @@ def main(argv=None) -> dict:
     views = TensorViews(PREPROCESS, fill=(0, 0, 0))
     rng = np.random.default_rng(0)
     n = args.batch
-    sets = {"varied": [_jpeg(rng, *(int(v) for v in rng.integers(256, 513, 2))) for _ in range(n)],
-            "camera": [_jpeg(rng, *[(640, 480), (480, 640), (500, 375), (375, 500)][i % 4]) for i in range(n)]}
+    sets = {"varied": [synth_jpeg(rng, *(int(v) for v in rng.integers(256, 513, 2))) for _ in range(n)],
+            "camera": [synth_jpeg(rng, *[(640, 480), (480, 640), (500, 375), (375, 500)][i % 4]) for i in range(n)]}
     if args.images:
         datas = []
         for url in args.images:

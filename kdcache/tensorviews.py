@@ -69,18 +69,20 @@ class TensorViews:
                 out[i] = self.render(pic, rec)
         for idx in same_size.values():
             if len(idx) == 1:
-                out[idx[0]] = self.eval_view(jobs[idx[0]][0])
+                out[idx[0]] = self._eval_steps(jobs[idx[0]][0])
             else:
-                stacked = self.eval_view(torch.stack([jobs[i][0] for i in idx]), checked=True)
+                stacked = self._eval_steps(torch.stack([jobs[i][0] for i in idx]))
                 for i, x in zip(idx, stacked.unbind(0), strict=True):
                     out[i] = x
         return out
 
-    def eval_view(self, x: torch.Tensor, *, checked: bool = False) -> torch.Tensor:
-        """View 0: open_clip's eval transform of the source picture, uint8 [3, h, w] (of each of a [N, 3, H, W] stack,
-        `checked` by the caller)."""
-        if not checked:
-            _check(x)
+    def eval_view(self, x: torch.Tensor) -> torch.Tensor:
+        """View 0: open_clip's eval transform of the source picture, uint8 [3, h, w]."""
+        _check(x)
+        return self._eval_steps(x)
+
+    def _eval_steps(self, x: torch.Tensor) -> torch.Tensor:
+        # The eval transform's steps on [..., 3, H, W]: one picture, or a stack of same-size ones (`render_all`).
         for s in self.eval_steps:
             if isinstance(s, ResizeKeepRatio):
                 w, h = eval_resize(x.shape[-1], x.shape[-2], self.preprocess)

@@ -141,6 +141,9 @@ def ahead(items: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R]]:
                               initializer=None if cuda is None else torch.cuda.set_device, initargs=(cuda,))
     side = None if cuda is None else _SideStream(work)
     run, take = (work, lambda r: r) if side is None else (side, side.take)
+
+    def finished(pending):  # (item, its future) -> (item, its work's result), on the caller's thread
+        return pending[0], take(pending[1].result())
     it = iter(items)
     pending = None
     try:
@@ -151,14 +154,14 @@ def ahead(items: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R]]:
                 break
             except Exception:  # the items before the failure are still delivered (a finished shard is written)
                 if pending is not None:
-                    yield pending[0], take(pending[1].result())
+                    yield finished(pending)
                 raise
             started = pool.submit(run, item)
             if pending is not None:
-                yield pending[0], take(pending[1].result())
+                yield finished(pending)
             pending = (item, started)
         if pending is not None:
-            yield pending[0], take(pending[1].result())
+            yield finished(pending)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
